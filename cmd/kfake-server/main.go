@@ -57,9 +57,13 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := run(ctx, cfg, logger); err != nil {
+	cluster, err := start(cfg, logger)
+	if err != nil {
 		logger.Fatal(err)
 	}
+	<-ctx.Done()
+	logger.Printf("shutting down")
+	cluster.Close()
 }
 
 func parseConfig(args []string, getenv func(string) string) (config, error) {
@@ -133,8 +137,8 @@ func parseConfig(args []string, getenv func(string) string) (config, error) {
 	return cfg, nil
 }
 
-// run serves until ctx is done.
-func run(ctx context.Context, cfg config, logger *log.Logger) error {
+// start starts the cluster; it serves until closed.
+func start(cfg config, logger *log.Logger) (*kfake.Cluster, error) {
 	ports := make([]int, cfg.brokers)
 	for i := range ports {
 		ports[i] = cfg.listenPort + i
@@ -158,9 +162,8 @@ func run(ctx context.Context, cfg config, logger *log.Logger) error {
 
 	cluster, err := kfake.NewCluster(opts...)
 	if err != nil {
-		return fmt.Errorf("start cluster: %w", err)
+		return nil, fmt.Errorf("start cluster: %w", err)
 	}
-	defer cluster.Close()
 
 	sasl := "off"
 	if cfg.saslMechanism != "" {
@@ -169,10 +172,7 @@ func run(ctx context.Context, cfg config, logger *log.Logger) error {
 	// Tests wait for this exact line: it is printed only once every listener is up.
 	logger.Printf("ready: %d broker(s) listening on %s:%d, advertised as %v, sasl %s",
 		cfg.brokers, cfg.listenHost, cfg.listenPort, cluster.ListenAddrs(), sasl)
-
-	<-ctx.Done()
-	logger.Printf("shutting down")
-	return nil
+	return cluster, nil
 }
 
 // listen is the kfake.ListenFn. kfake asks for "127.0.0.1:<port>"; we listen

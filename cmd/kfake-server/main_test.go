@@ -7,7 +7,6 @@ import (
 	"log"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -62,16 +61,15 @@ func TestAdvertise(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var logs syncBuffer
-	srvCtx, stopSrv := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- run(srvCtx, cfg, log.New(&logs, "", 0)) }()
-	t.Cleanup(func() {
-		stopSrv()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	})
+	var logs bytes.Buffer
+	cluster, err := start(cfg, log.New(&logs, "", 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cluster.Close()
+	if !strings.Contains(logs.String(), "ready: 2 broker(s)") {
+		t.Errorf("log lacks the ready line: %q", logs.String())
+	}
 
 	cl, err := kgo.NewClient(
 		kgo.SeedBrokers(fmt.Sprintf("localhost:%d", port)),
@@ -108,9 +106,6 @@ func TestAdvertise(t *testing.T) {
 	if recs := fetches.Records(); len(recs) != 1 || string(recs[0].Value) != "hello" {
 		t.Fatalf("consumed %v, want one record \"hello\"", recs)
 	}
-	if !strings.Contains(logs.String(), "ready: 2 broker(s)") {
-		t.Errorf("log lacks the ready line: %q", logs.String())
-	}
 }
 
 // consecutiveFreePorts finds n consecutive free loopback ports. It holds
@@ -143,22 +138,4 @@ func consecutiveFreePorts(t *testing.T, n int) int {
 	}
 	t.Fatalf("no %d consecutive free ports found", n)
 	return 0
-}
-
-// syncBuffer is a bytes.Buffer safe for the server goroutine and the test.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

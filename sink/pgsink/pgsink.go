@@ -1,0 +1,463 @@
+// Package pgsink writes documents into a PostgreSQL reporting table: one row
+// per document, a configured column per body field. It is the sink every
+// delivery guarantee of the pillows is proven on.
+//
+// The table (created by Bootstrap, or beforehand by a migration with the same
+// shape):
+//
+//	doc_id           text PRIMARY KEY
+//	<columns>        as configured
+//	deleted          boolean NOT NULL   -- a tombstone: the columns are NULL
+//	version_lsn      pg_lsn             -- SQL documents: commit LSN …
+//	version_ordinal  bigint             -- … and ordinal in the transaction
+//	version_rev      text               -- Couch documents: the revision …
+//	version_rev_path text[]             -- … and its known path, leaf first
+//	updated_at       timestamptz NOT NULL
+//
+// and a view <table>_live (same schema) with the rows that are not deleted:
+// readers should use the view, or filter NOT deleted themselves.
+//
+// Guarantees: a batch is one INSERT … ON CONFLICT (doc_id) DO UPDATE …
+// WHERE statement over arrays, so it is atomic and costs one round trip. A
+// row is replaced only when the write is newer (see package sink): for SQL
+// documents (version_lsn, version_ordinal) < the write's; for Couch documents
+// the write's revision is not on the stored path. A deletion writes a
+// tombstone row with its version, so a late older write cannot revive it; a
+// newer write replaces the tombstone. Concurrent writers are safe: the
+// condition is evaluated against the row as locked by the upsert, so the
+// newest version wins whatever the commit order.
+//
+// Not guaranteed: a Couch revision unrelated to the stored one always
+// replaces it (it is taken to be the database's current winner), so a slow
+// writer holding a revision fetched before a conflict was resolved can
+// overwrite the resolution; the next change of the document repairs it.
+package pgsink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/changefeed/changefeed/doc"
+	"github.com/changefeed/changefeed/sink"
+)
+
+// Column maps one body field to one column.
+type Column struct {
+	// Name of the column (quoted: case-sensitive).
+	Name string `yaml:"name"`
+	// Field is a dotted path in the document body ("form.case.owner_id"; a
+	// numeric segment indexes an array). Empty means Name. A missing field
+	// is NULL.
+	Field string `yaml:"field"`
+	// Type is one of text, integer, bigint, numeric, boolean, timestamptz,
+	// jsonb. A value that cannot be converted is that document's error.
+	Type string `yaml:"type"`
+}
+
+// Config says which table to write and how.
+type Config struct {
+	// Table is "table" or "schema.table" (quoted parts; the schema must
+	// exist).
+	Table   string   `yaml:"table"`
+	Columns []Column `yaml:"columns"`
+}
+
+// reserved are the columns the sink itself keeps.
+var reserved = []string{"doc_id", "deleted", "version_lsn", "version_ordinal", "version_rev", "version_rev_path", "updated_at"}
+
+// Sink is a reporting-table sink. It is safe for concurrent use, and several
+// Sinks (processes) may write one table.
+type Sink struct {
+	pool     *pgxpool.Pool
+	cfg      Config
+	log      *slog.Logger
+	table    string // quoted
+	view     string // quoted
+	paths    [][]string
+	convert  []func(any) (string, error)
+	upsert   string
+	nameText string
+}
+
+// New checks cfg and returns a sink writing through pool. Errors name the
+// offending field. log may be nil.
+func New(pool *pgxpool.Pool, cfg Config, log *slog.Logger) (*Sink, error) {
+	if pool == nil {
+		return nil, errors.New("pgsink: pool is nil")
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ident, err := parseTable(cfg.Table)
+	if err != nil {
+		return nil, fmt.Errorf("pgsink: table: %w", err)
+	}
+	view := slices.Clone(ident)
+	view[len(view)-1] += "_live"
+	s := &Sink{pool: pool, cfg: cfg, log: log, table: ident.Sanitize(), view: view.Sanitize(), nameText: "pgsink:" + cfg.Table}
+	seen := map[string]bool{}
+	for i, c := range cfg.Columns {
+		field := func(f string) string { return fmt.Sprintf("pgsink: %s: columns[%d].%s", cfg.Table, i, f) }
+		switch {
+		case c.Name == "":
+			return nil, fmt.Errorf("%s is empty", field("name"))
+		case strings.ContainsRune(c.Name, 0):
+			return nil, fmt.Errorf("%s: invalid name", field("name"))
+		case slices.Contains(reserved, c.Name):
+			return nil, fmt.Errorf("%s: %q is reserved by the sink (reserved: %s)", field("name"), c.Name, strings.Join(reserved, ", "))
+		case seen[c.Name]:
+			return nil, fmt.Errorf("%s: %q is configured twice", field("name"), c.Name)
+		}
+		seen[c.Name] = true
+		conv, ok := columnTypes[c.Type]
+		if !ok {
+			return nil, fmt.Errorf("%s: %q is not one of text, integer, bigint, numeric, boolean, timestamptz, jsonb", field("type"), c.Type)
+		}
+		f := c.Field
+		if f == "" {
+			f = c.Name
+		}
+		path := strings.Split(f, ".")
+		if slices.Contains(path, "") {
+			return nil, fmt.Errorf("%s: %q has an empty path segment", field("field"), c.Field)
+		}
+		s.paths = append(s.paths, path)
+		s.convert = append(s.convert, conv)
+	}
+	s.upsert = s.buildUpsert()
+	return s, nil
+}
+
+func parseTable(s string) (pgx.Identifier, error) {
+	if s == "" {
+		return nil, errors.New("is empty")
+	}
+	parts := strings.Split(s, ".")
+	if len(parts) > 2 {
+		return nil, fmt.Errorf("%q: want table or schema.table", s)
+	}
+	for _, p := range parts {
+		if p == "" || strings.ContainsRune(p, 0) {
+			return nil, fmt.Errorf("%q: empty or invalid name part", s)
+		}
+	}
+	return pgx.Identifier(parts), nil
+}
+
+func quote(name string) string { return pgx.Identifier{name}.Sanitize() }
+
+// buildUpsert writes the batch statement: one array parameter per column,
+// zipped by unnest, every value sent as text and cast by PostgreSQL.
+func (s *Sink) buildUpsert() string {
+	n := len(s.cfg.Columns)
+	cols := []string{"doc_id"}
+	sel := []string{"u.doc_id"}
+	args := []string{"$1::text[]"}
+	alias := []string{"doc_id"}
+	set := []string{}
+	for i, c := range s.cfg.Columns {
+		a := "c" + strconv.Itoa(i+1)
+		cols = append(cols, quote(c.Name))
+		sel = append(sel, "u."+a+"::"+c.Type)
+		args = append(args, "$"+strconv.Itoa(i+2)+"::text[]")
+		alias = append(alias, a)
+		set = append(set, quote(c.Name)+" = excluded."+quote(c.Name))
+	}
+	p := func(k int) string { return "$" + strconv.Itoa(n+1+k) }
+	cols = append(cols, "deleted", "version_lsn", "version_ordinal", "version_rev", "version_rev_path", "updated_at")
+	sel = append(sel, "u.deleted", "u.lsn::pg_lsn", "u.ord", "u.rev", "u.path::text[]", "now()")
+	args = append(args, p(1)+"::boolean[]", p(2)+"::text[]", p(3)+"::bigint[]", p(4)+"::text[]", p(5)+"::text[]")
+	alias = append(alias, "deleted", "lsn", "ord", "rev", "path")
+	for _, c := range []string{"deleted", "version_lsn", "version_ordinal", "version_rev", "version_rev_path", "updated_at"} {
+		set = append(set, c+" = excluded."+c)
+	}
+	// A NULL version_rev marks a SQL version. Mixed kinds (a row written
+	// under the other kind) are always replaced.
+	return fmt.Sprintf(`INSERT INTO %s AS t (%s)
+SELECT %s
+FROM unnest(%s) AS u(%s)
+ON CONFLICT (doc_id) DO UPDATE SET %s
+WHERE CASE WHEN excluded.version_rev IS NULL
+	THEN t.version_lsn IS NULL OR (t.version_lsn, t.version_ordinal) < (excluded.version_lsn, excluded.version_ordinal)
+	ELSE t.version_rev_path IS NULL OR NOT (excluded.version_rev = ANY (t.version_rev_path))
+END`,
+		s.table, strings.Join(cols, ", "), strings.Join(sel, ", "), strings.Join(args, ", "),
+		strings.Join(alias, ", "), strings.Join(set, ", "))
+}
+
+// Name is "pgsink:<table>".
+func (s *Sink) Name() string { return s.nameText }
+
+// Bootstrap creates the table if it does not exist and the <table>_live view,
+// and checks that an existing table has the configured columns with their
+// types and a unique doc_id. Concurrent Bootstraps of one table are
+// serialised by an advisory lock. A connection failure wraps
+// doc.ErrTransient; a table of another shape is a plain error naming the
+// column.
+func (s *Sink) Bootstrap(ctx context.Context) error {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return s.transient("bootstrap", err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // after Commit it is a no-op
+	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($1, 0))`, "changefeed/pgsink/"+s.table); err != nil {
+		return s.transient("bootstrap", err)
+	}
+	defs := []string{"doc_id text PRIMARY KEY"}
+	for _, c := range s.cfg.Columns {
+		defs = append(defs, quote(c.Name)+" "+c.Type)
+	}
+	defs = append(defs,
+		"deleted boolean NOT NULL DEFAULT false",
+		"version_lsn pg_lsn", "version_ordinal bigint",
+		"version_rev text", "version_rev_path text[]",
+		"updated_at timestamptz NOT NULL DEFAULT now()")
+	if _, err := tx.Exec(ctx, fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s (\n\t%s\n)", s.table, strings.Join(defs, ",\n\t"))); err != nil {
+		return s.bootstrapErr(err)
+	}
+	if err := s.checkShape(ctx, tx); err != nil {
+		return err
+	}
+	cols := []string{"doc_id"}
+	for _, c := range s.cfg.Columns {
+		cols = append(cols, quote(c.Name))
+	}
+	cols = append(cols, "updated_at")
+	if _, err := tx.Exec(ctx, fmt.Sprintf("CREATE OR REPLACE VIEW %s AS SELECT %s FROM %s WHERE NOT deleted",
+		s.view, strings.Join(cols, ", "), s.table)); err != nil {
+		return s.bootstrapErr(err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return s.transient("bootstrap", err)
+	}
+	return nil
+}
+
+// checkShape compares an existing table with the configuration.
+func (s *Sink) checkShape(ctx context.Context, tx pgx.Tx) error {
+	rows, err := tx.Query(ctx, `
+		SELECT a.attname, format_type(a.atttypid, NULL)
+		FROM pg_attribute a
+		WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped`, s.table)
+	if err != nil {
+		return s.transient("bootstrap", err)
+	}
+	have := map[string]string{}
+	var name, typ string
+	if _, err := pgx.ForEachRow(rows, []any{&name, &typ}, func() error { have[name] = typ; return nil }); err != nil {
+		return s.transient("bootstrap", err)
+	}
+	want := [][2]string{{"doc_id", "text"}}
+	for _, c := range s.cfg.Columns {
+		want = append(want, [2]string{c.Name, pgTypeName[c.Type]})
+	}
+	want = append(want, [][2]string{
+		{"deleted", "boolean"}, {"version_lsn", "pg_lsn"}, {"version_ordinal", "bigint"},
+		{"version_rev", "text"}, {"version_rev_path", "text[]"}, {"updated_at", "timestamp with time zone"},
+	}...)
+	for _, w := range want {
+		switch got, ok := have[w[0]]; {
+		case !ok:
+			return fmt.Errorf("pgsink: table %s exists without column %q (%s)", s.cfg.Table, w[0], w[1])
+		case got != w[1]:
+			return fmt.Errorf("pgsink: table %s: column %q is %s, want %s", s.cfg.Table, w[0], got, w[1])
+		}
+	}
+	var unique bool
+	err = tx.QueryRow(ctx, `
+		SELECT EXISTS (
+			SELECT 1 FROM pg_index i
+			JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+			WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indnkeyatts = 1
+			  AND i.indpred IS NULL AND a.attname = 'doc_id')`, s.table).Scan(&unique)
+	if err != nil {
+		return s.transient("bootstrap", err)
+	}
+	if !unique {
+		return fmt.Errorf("pgsink: table %s: doc_id has no unique index (ON CONFLICT needs one)", s.cfg.Table)
+	}
+	return nil
+}
+
+func (s *Sink) bootstrapErr(err error) error {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return fmt.Errorf("pgsink: %s: bootstrap: %w", s.cfg.Table, err)
+	}
+	return s.transient("bootstrap", err)
+}
+
+// row is one document as statement parameters.
+type row struct {
+	id      string
+	vals    []*string
+	deleted bool
+	lsn     *string
+	ord     *int64
+	rev     *string
+	path    *string
+}
+
+func (s *Sink) row(d *doc.Document) (row, error) {
+	r := row{id: d.ID, deleted: d.Deleted, vals: make([]*string, len(s.paths))}
+	if sink.IsCouch(d) {
+		rev := d.Version.Rev.String()
+		path := arrayLiteral(sink.RevPath(d.Version))
+		r.rev, r.path = &rev, &path
+	} else {
+		lsn := d.Version.SQL.CommitLSN.String()
+		ord := int64(d.Version.SQL.Ordinal)
+		r.lsn, r.ord = &lsn, &ord
+	}
+	if d.Deleted {
+		return r, nil
+	}
+	for i, p := range s.paths {
+		v, ok := lookup(d.Body, p)
+		if !ok || v == nil {
+			continue
+		}
+		text, err := s.convert[i](v)
+		if err != nil {
+			return row{}, fmt.Errorf("pgsink: %s: column %q (field %q): %w", s.cfg.Table, s.cfg.Columns[i].Name, strings.Join(p, "."), err)
+		}
+		r.vals[i] = &text
+	}
+	return r, nil
+}
+
+// arrayLiteral writes a PostgreSQL text[] literal, every element quoted.
+func arrayLiteral(elems []string) string {
+	var b strings.Builder
+	b.WriteByte('{')
+	for i, e := range elems {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteByte('"')
+		for _, r := range e {
+			if r == '"' || r == '\\' {
+				b.WriteByte('\\')
+			}
+			b.WriteRune(r)
+		}
+		b.WriteByte('"')
+	}
+	b.WriteByte('}')
+	return b.String()
+}
+
+// Write upserts docs in one statement. It returns nil (every document written
+// or refused as not newer), an error wrapping doc.ErrTransient (nothing is
+// known to be written; retry the batch), or doc.Errors (the listed documents
+// hold values their columns cannot take; all others were written or
+// refused).
+func (s *Sink) Write(ctx context.Context, docs []*doc.Document) error {
+	if len(docs) == 0 {
+		return nil
+	}
+	docs = sink.Newest(docs)
+	errs := doc.Errors{}
+	rows := make([]row, 0, len(docs))
+	for _, d := range docs {
+		if strings.ContainsRune(d.ID, 0) {
+			errs[d.ID] = fmt.Errorf("pgsink: %s: document id contains a NUL character", s.cfg.Table)
+			continue
+		}
+		r, err := s.row(d)
+		if err != nil {
+			errs[d.ID] = err
+			continue
+		}
+		rows = append(rows, r)
+	}
+	// One lock order for every writer: concurrent batches sharing documents
+	// wait for each other instead of deadlocking.
+	slices.SortFunc(rows, func(a, b row) int { return strings.Compare(a.id, b.id) })
+
+	written, err := s.exec(ctx, rows)
+	if rowError(err) {
+		// Some value PostgreSQL rejected (or a constraint added to the
+		// table): find which by writing one document at a time.
+		written = 0
+		for _, r := range rows {
+			n, err := s.exec(ctx, []row{r})
+			switch {
+			case rowError(err):
+				errs[r.id] = fmt.Errorf("pgsink: %s: %w", s.cfg.Table, err)
+			case err != nil:
+				return s.transient("write", err)
+			}
+			written += n
+		}
+	} else if err != nil {
+		return s.transient("write", err)
+	}
+	s.log.Debug("pgsink: batch written", "table", s.cfg.Table, "documents", len(rows),
+		"written", written, "refused_not_newer", int64(len(rows))-written, "errors", len(errs))
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// exec runs the upsert for rows and returns how many rows it changed.
+func (s *Sink) exec(ctx context.Context, rows []row) (int64, error) {
+	if len(rows) == 0 {
+		return 0, nil
+	}
+	n := len(s.paths)
+	ids := make([]string, len(rows))
+	cols := make([][]*string, n)
+	for i := range cols {
+		cols[i] = make([]*string, len(rows))
+	}
+	deleted := make([]bool, len(rows))
+	lsn := make([]*string, len(rows))
+	ord := make([]*int64, len(rows))
+	rev := make([]*string, len(rows))
+	path := make([]*string, len(rows))
+	for j, r := range rows {
+		ids[j] = r.id
+		for i := range n {
+			cols[i][j] = r.vals[i]
+		}
+		deleted[j], lsn[j], ord[j], rev[j], path[j] = r.deleted, r.lsn, r.ord, r.rev, r.path
+	}
+	args := make([]any, 0, n+6)
+	args = append(args, ids)
+	for _, c := range cols {
+		args = append(args, c)
+	}
+	args = append(args, deleted, lsn, ord, rev, path)
+	tag, err := s.pool.Exec(ctx, s.upsert, args...)
+	if err != nil {
+		return 0, err
+	}
+	return tag.RowsAffected(), nil
+}
+
+// rowError reports whether PostgreSQL rejected a value or a row (SQLSTATE
+// class 22 data exception, class 23 integrity constraint violation): the
+// fault of some document, not of the server.
+func rowError(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && len(pe.Code) == 5 && (pe.Code[:2] == "22" || pe.Code[:2] == "23")
+}
+
+// transient wraps every failure that is no document's fault: connection
+// lost or refused, timeouts, the server shutting down or out of resources,
+// and also a table that is missing or of another shape — the batch waits for
+// it to be fixed rather than filling the error table.
+func (s *Sink) transient(op string, err error) error {
+	return fmt.Errorf("%w: pgsink: %s: %s: %w", doc.ErrTransient, s.cfg.Table, op, err)
+}

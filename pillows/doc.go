@@ -1,0 +1,69 @@
+// Package pillows runs pillows: Kafka consumer-group workers that read
+// change stubs, deduplicate them, fetch the documents they name from a
+// document store, and hand them to processors (sinks and custom code).
+// It is CommCare HQ's pillowtop on franz-go.
+//
+// # Consuming
+//
+// Every pillow is one consumer group (cooperative-sticky). Several processes
+// running the same pillow share its partitions through rebalancing. Each
+// assigned partition has one goroutine, so one document's stubs (same key,
+// same partition) are handled one batch after another, in order.
+//
+// # When an offset is committed, and why nothing is lost
+//
+// A partition's worker takes up to Batching.MaxStubs records (or what came
+// within Batching.MaxWait), collapses them to the highest version per
+// document, fetches the documents in bulk and runs every processor. Only
+// when that batch is fully handled — every document written, or its failure
+// durably recorded in changefeed.pillow_errors — is the batch's last record
+// marked (kgo.AutoCommitMarks). Marks are committed every CommitInterval, when
+// partitions are revoked (after their workers finished the batch in hand),
+// and at shutdown (after the batches in hand are finished). So a committed
+// offset never passes a stub whose document was not handled, and a crash at
+// any point only makes the next owner process the last batches again, which
+// the sinks' version checks turn into no-ops.
+//
+// Partitions that are lost (the session expired: another member may own
+// them already) commit nothing: their workers are told first that they no
+// longer own the partition, and every later mark is refused. franz-go's
+// MarkCommitRecords would accept a mark for any partition; this package
+// checks ownership itself.
+//
+// A transient failure (a store, sink or the errors table unreachable:
+// errors wrapping doc.ErrTransient, or connection errors) pauses fetching of
+// the partition and retries the whole batch with exponential backoff. The
+// offset does not move and no error rows are written, so nothing piles up
+// and nothing is skipped during an outage.
+//
+// A committed offset that retention already deleted is a gap: the client
+// is configured never to reset it (kgo.NoResetOffset), and Run returns a
+// *CheckpointGoneError naming the pillow and partition; a reindex is needed.
+// A new group (no committed offset) starts at the beginning of the log.
+//
+// # Deduplication
+//
+// Delivery is at least once. Within a batch, stubs of one document collapse
+// to the highest version (SQL: stub.SQLVersion; Couch: the latest in the
+// partition). A bounded per-partition memory of the highest version processed
+// per document skips stubs already handled before any fetch (SQL: version
+// at or below; Couch: the exact same (id, rev) only, because a Couch revision
+// of lower generation can become the winner). Every write still carries its
+// version and sinks refuse stale ones, which is what guarantees that no sink
+// goes back to an older state; the memory only saves work.
+//
+// # Errors
+//
+// A document that fails (processor or store error, or a panic, recovered and
+// attributed to that document) is recorded in changefeed.pillow_errors and
+// the others go on. A retry loop per pillow re-processes due rows, refetching
+// the document, with backoff Retry.BackoffUnit·n² (HQ: 5·n² minutes); after
+// Retry.MaxAttempts the row is marked dead and its stub published to the
+// dead-letter topic.
+//
+// # What this package does not do
+//
+// It does not order documents across partitions, and it does not make side
+// effects outside a sink idempotent by itself: use Once for effects that
+// must happen once per version.
+package pillows

@@ -1,0 +1,218 @@
+package pillows
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/changefeed/changefeed/doc"
+	"github.com/changefeed/changefeed/publish"
+	"github.com/changefeed/changefeed/stub"
+)
+
+// ErrorLog is HQ's PillowError table, changefeed.pillow_errors (created by
+// package migrations): one row per (pillow, processor, document) that failed.
+// Processor "" means the document could not be fetched, so every processor
+// runs again on retry.
+type ErrorLog struct {
+	pool *pgxpool.Pool
+}
+
+// NewErrorLog uses the errors table in pool's database.
+func NewErrorLog(pool *pgxpool.Pool) *ErrorLog { return &ErrorLog{pool: pool} }
+
+// Ping checks that the errors table's database answers.
+func (l *ErrorLog) Ping(ctx context.Context) error { return l.pool.Ping(ctx) }
+
+// Failure is one document's failure in one processor ("" for the fetch).
+type Failure struct {
+	Processor string
+	Stub      *stub.Stub
+	Err       error
+}
+
+func versionOf(s *stub.Stub) string {
+	if s.DataSourceType == stub.SourceCouch {
+		return s.DocumentRev
+	}
+	return s.SQLVersion().String()
+}
+
+// errorType names the error's most specific type, as HQ's error_type does.
+func errorType(err error) string {
+	var pe *PanicError
+	if errors.As(err, &pe) {
+		return "panic"
+	}
+	for {
+		next := errors.Unwrap(err)
+		if next == nil {
+			break
+		}
+		err = next
+	}
+	t := reflect.TypeOf(err)
+	if t == nil {
+		return "unknown"
+	}
+	return t.String()
+}
+
+// record upserts failures. A newer failure of a document already in the
+// table replaces its version and message; it keeps the attempt count and
+// schedule, and revives a dead row only for a new version. An error reaching
+// the table is returned wrapped in doc.ErrTransient: the caller must not move
+// its offset past documents whose failure is not recorded.
+func (l *ErrorLog) record(ctx context.Context, pillow string, r Retry, fs []Failure) error {
+	type key struct{ p, id string }
+	seen := map[key]bool{}
+	var procs, ids, versions, stubs, types, msgs []string
+	for _, f := range fs {
+		k := key{f.Processor, f.Stub.DocumentID}
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		b, err := json.Marshal(f.Stub)
+		if err != nil {
+			return fmt.Errorf("encode stub %s: %w", f.Stub.DocumentID, err)
+		}
+		procs = append(procs, f.Processor)
+		ids = append(ids, f.Stub.DocumentID)
+		versions = append(versions, versionOf(f.Stub))
+		stubs = append(stubs, string(b))
+		types = append(types, errorType(f.Err))
+		msgs = append(msgs, truncate(f.Err.Error(), 4000))
+	}
+	_, err := l.pool.Exec(ctx, `
+INSERT INTO changefeed.pillow_errors AS e
+    (pillow, processor, document_id, version, stub, error_type, error_message, attempts, next_attempt)
+SELECT $1, u.p, u.d, u.v, u.s::jsonb, u.t, u.m, 1, now() + $2::interval
+FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) AS u(p, d, v, s, t, m)
+ON CONFLICT (pillow, processor, document_id) DO UPDATE SET
+    version = excluded.version,
+    stub = excluded.stub,
+    error_type = excluded.error_type,
+    error_message = excluded.error_message,
+    next_attempt = CASE WHEN e.dead AND e.version <> excluded.version THEN excluded.next_attempt ELSE e.next_attempt END,
+    dead = e.dead AND e.version = excluded.version,
+    updated_at = now()`,
+		pillow, r.Backoff(1), procs, ids, versions, stubs, types, msgs)
+	if err != nil {
+		return fmt.Errorf("%w: record pillow errors: %w", doc.ErrTransient, err)
+	}
+	return nil
+}
+
+// resolve deletes the rows of documents processed successfully since.
+func (l *ErrorLog) resolve(ctx context.Context, pillow string, ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	if _, err := l.pool.Exec(ctx, `DELETE FROM changefeed.pillow_errors WHERE pillow = $1 AND document_id = ANY($2)`, pillow, ids); err != nil {
+		return fmt.Errorf("%w: clear pillow errors: %w", doc.ErrTransient, err)
+	}
+	return nil
+}
+
+// any reports whether pillow has rows.
+func (l *ErrorLog) any(ctx context.Context, pillow string) (bool, error) {
+	var ok bool
+	err := l.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM changefeed.pillow_errors WHERE pillow = $1)`, pillow).Scan(&ok)
+	return ok, err
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+// ErrorRow is one row of the errors table.
+type ErrorRow struct {
+	ID           int64
+	Pillow       string
+	Processor    string
+	DocumentID   string
+	Version      string
+	Stub         *stub.Stub
+	ErrorType    string
+	ErrorMessage string
+	Attempts     int
+	NextAttempt  time.Time
+	Dead         bool
+}
+
+// Rows returns the errors recorded for pillow, oldest first.
+func (l *ErrorLog) Rows(ctx context.Context, pillow string) ([]ErrorRow, error) {
+	rows, err := l.pool.Query(ctx, `
+SELECT id, pillow, processor, document_id, version, stub, error_type, error_message, attempts, next_attempt, dead
+FROM changefeed.pillow_errors WHERE pillow = $1 ORDER BY id`, pillow)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, scanErrorRow)
+}
+
+func scanErrorRow(row pgx.CollectableRow) (ErrorRow, error) {
+	var r ErrorRow
+	var raw []byte
+	if err := row.Scan(&r.ID, &r.Pillow, &r.Processor, &r.DocumentID, &r.Version, &raw, &r.ErrorType, &r.ErrorMessage, &r.Attempts, &r.NextAttempt, &r.Dead); err != nil {
+		return r, err
+	}
+	r.Stub = new(stub.Stub)
+	if err := json.Unmarshal(raw, r.Stub); err != nil {
+		return r, fmt.Errorf("pillow error %d: decode stub: %w", r.ID, err)
+	}
+	return r, nil
+}
+
+// DeadLetters receives the stubs of documents that failed for good.
+type DeadLetters interface {
+	DeadLetter(ctx context.Context, topic string, rec *kgo.Record) error
+}
+
+// ProducerDeadLetters publishes dead letters with a publish.Producer,
+// creating each dead-letter topic on first use.
+func ProducerDeadLetters(p *publish.Producer) DeadLetters {
+	return &producerDL{p: p}
+}
+
+type producerDL struct {
+	p       *publish.Producer
+	mu      sync.Mutex
+	created map[string]bool
+}
+
+func (d *producerDL) DeadLetter(ctx context.Context, topic string, rec *kgo.Record) error {
+	d.mu.Lock()
+	if !d.created[topic] {
+		if err := d.p.EnsureTopics(ctx, topic); err != nil {
+			d.mu.Unlock()
+			return err
+		}
+		if d.created == nil {
+			d.created = map[string]bool{}
+		}
+		d.created[topic] = true
+	}
+	d.mu.Unlock()
+	rec.Topic = topic
+	done := make(chan error, 1)
+	d.p.PublishRecord(ctx, rec, func(err error) { done <- err })
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

@@ -1,0 +1,337 @@
+package pillows
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"runtime/debug"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/changefeed/changefeed/doc"
+	"github.com/changefeed/changefeed/stub"
+)
+
+// PanicError is a panic recovered from a processor or store, attributed to
+// the documents of the call that panicked.
+type PanicError struct {
+	Value any
+	Stack string
+}
+
+func (e *PanicError) Error() string { return fmt.Sprintf("panic: %v", e.Value) }
+
+// IsTransient reports whether err means a store, sink or the errors table
+// is unreachable rather than a document being at fault: errors wrapping
+// doc.ErrTransient, and connection-level failures that a store or sink did
+// not classify (refused or reset connections, timeouts, PostgreSQL connect
+// errors, admin shutdown).
+func IsTransient(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, doc.ErrTransient) {
+		return true
+	}
+	var pe *PanicError
+	if errors.As(err, &pe) {
+		return false
+	}
+	var ce *pgconn.ConnectError
+	if errors.As(err, &ce) {
+		return true
+	}
+	var pge *pgconn.PgError
+	if errors.As(err, &pge) {
+		// Class 08 connection exception, 57P01..57P03 shutdown / cannot connect now, 53 insufficient resources.
+		c := pge.Code
+		return len(c) == 5 && (c[:2] == "08" || c == "57P01" || c == "57P02" || c == "57P03" || c[:2] == "53")
+	}
+	var ne net.Error
+	if errors.As(err, &ne) {
+		return true
+	}
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// safe calls fn, turning a panic into a *PanicError.
+func safe(fn func() error) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = &PanicError{Value: v, Stack: string(debug.Stack())}
+		}
+	}()
+	return fn()
+}
+
+// engine fetches and processes collapsed stubs for one pillow. It is shared
+// by the partition workers and the retry loop.
+type engine struct {
+	// mayHaveErrors is false only when the errors table was seen without
+	// rows for this pillow since the last failure was recorded; while
+	// true, successfully processed documents clear their old rows.
+	mayHaveErrors atomic.Bool
+
+	p       *Pillow
+	m       *Metrics
+	errs    *ErrorLog
+	onPanic func(where string, pe *PanicError)
+}
+
+// outcome of one round.
+type outcome struct {
+	// failures are per-document failures (to record).
+	failures []Failure
+	// failed holds the keys of documents with at least one failure.
+	failed map[docKey]bool
+}
+
+// fetch fetches the stubs' documents in bulk, one call per store. It
+// returns the documents by key, the per-document failures, and a transient
+// error that stops the round.
+func (e *engine) fetch(ctx context.Context, stubs []*stub.Stub) (map[docKey]*doc.Document, []Failure, error) {
+	byStore := map[StoreKey][]*stub.Stub{}
+	var order []StoreKey
+	var fails []Failure
+	for _, s := range stubs {
+		k, st := e.p.store(s)
+		if st == nil {
+			fails = append(fails, Failure{Stub: s, Err: fmt.Errorf("no document store for data_source_type %q data_source_name %q", s.DataSourceType, s.DataSourceName)})
+			continue
+		}
+		if _, ok := byStore[k]; !ok {
+			order = append(order, k)
+		}
+		byStore[k] = append(byStore[k], s)
+	}
+	docs := make(map[docKey]*doc.Document, len(stubs))
+	for _, k := range order {
+		group := byStore[k]
+		st := e.p.Stores[k]
+		got, fetchFails, err := e.fetchStore(ctx, k, st, group)
+		if err != nil {
+			return nil, nil, err
+		}
+		fails = append(fails, fetchFails...)
+		byID := make(map[string]*doc.Document, len(got))
+		for _, d := range got {
+			if d != nil {
+				byID[d.ID] = d
+			}
+		}
+		failedIDs := map[string]bool{}
+		for _, f := range fetchFails {
+			failedIDs[f.Stub.DocumentID] = true
+		}
+		for _, s := range group {
+			if failedIDs[s.DocumentID] {
+				continue
+			}
+			d := byID[s.DocumentID]
+			if d == nil {
+				fails = append(fails, Failure{Stub: s, Err: fmt.Errorf("store %s returned no document for %s", k, s.DocumentID)})
+				continue
+			}
+			fill(d, s)
+			docs[keyOf(s)] = d
+		}
+	}
+	return docs, fails, nil
+}
+
+// fill completes what a store may leave out from the stub.
+func fill(d *doc.Document, s *stub.Stub) {
+	if d.Source == "" {
+		d.Source = s.DataSourceType
+	}
+	if d.SourceName == "" {
+		d.SourceName = s.DataSourceName
+	}
+	if d.Type == "" {
+		d.Type = s.DocumentType
+	}
+	if d.Domain == "" {
+		d.Domain = s.Domain
+	}
+	if s.DataSourceType == stub.SourceSQL && d.Version.SQL == (stub.SQLVersion{}) {
+		d.Version.SQL = s.SQLVersion()
+	}
+}
+
+func (e *engine) fetchStore(ctx context.Context, k StoreKey, st Store, group []*stub.Stub) ([]*doc.Document, []Failure, error) {
+	t0 := time.Now()
+	var got []*doc.Document
+	err := safe(func() error {
+		var err error
+		got, err = st.Fetch(ctx, group)
+		return err
+	})
+	e.m.fetchSeconds.WithLabelValues(e.p.Name, k.String()).Observe(time.Since(t0).Seconds())
+	if err == nil {
+		return got, nil, nil
+	}
+	if ctx.Err() != nil {
+		return nil, nil, ctx.Err()
+	}
+	if IsTransient(err) {
+		return nil, nil, fmt.Errorf("fetch from %s: %w", k, err)
+	}
+	var de doc.Errors
+	if errors.As(err, &de) {
+		var fails []Failure
+		for _, s := range group {
+			if derr, ok := de[s.DocumentID]; ok {
+				fails = append(fails, Failure{Stub: s, Err: derr})
+			}
+		}
+		return got, fails, nil
+	}
+	e.notePanic("fetch "+k.String(), err)
+	if len(group) == 1 {
+		return nil, []Failure{{Stub: group[0], Err: err}}, nil
+	}
+	// Isolate: fetch one at a time.
+	var all []*doc.Document
+	var fails []Failure
+	for _, s := range group {
+		d, f, err := e.fetchStore(ctx, k, st, []*stub.Stub{s})
+		if err != nil {
+			return nil, nil, err
+		}
+		all = append(all, d...)
+		fails = append(fails, f...)
+	}
+	return all, fails, nil
+}
+
+func (e *engine) notePanic(where string, err error) {
+	var pe *PanicError
+	if e.onPanic != nil && errors.As(err, &pe) {
+		e.onPanic(where, pe)
+	}
+}
+
+// process runs one processor on docs (keyed like stubs). It returns the
+// documents that failed and a transient error that stops the round.
+func (e *engine) process(ctx context.Context, pr Processor, docs []*doc.Document) (map[string]error, error) {
+	t0 := time.Now()
+	err := safe(func() error { return pr.Process(ctx, docs) })
+	e.m.processSeconds.WithLabelValues(e.p.Name, pr.Name()).Observe(time.Since(t0).Seconds())
+	if err == nil {
+		return nil, nil
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	if IsTransient(err) {
+		return nil, fmt.Errorf("processor %s: %w", pr.Name(), err)
+	}
+	var de doc.Errors
+	if errors.As(err, &de) {
+		failed := make(map[string]error, len(de))
+		for _, d := range docs {
+			if derr, ok := de[d.ID]; ok {
+				failed[d.ID] = derr
+			}
+		}
+		return failed, nil
+	}
+	e.notePanic("processor "+pr.Name(), err)
+	if len(docs) == 1 {
+		return map[string]error{docs[0].ID: err}, nil
+	}
+	failed := map[string]error{}
+	for _, d := range docs {
+		f, err := e.process(ctx, pr, []*doc.Document{d})
+		if err != nil {
+			return nil, err
+		}
+		for id, ferr := range f {
+			failed[id] = ferr
+		}
+	}
+	return failed, nil
+}
+
+// round fetches the stubs' documents and runs the processors named in only
+// (all when nil). Per-document failures are returned, not recorded; a
+// transient failure returns an error and nothing is to be committed.
+func (e *engine) round(ctx context.Context, stubs []*stub.Stub, only map[string]bool) (outcome, error) {
+	out := outcome{failed: map[docKey]bool{}}
+	docs, fails, err := e.fetch(ctx, stubs)
+	if err != nil {
+		return out, err
+	}
+	out.failures = append(out.failures, fails...)
+	for _, f := range fails {
+		out.failed[keyOf(f.Stub)] = true
+	}
+	list := make([]*doc.Document, 0, len(docs))
+	stubByID := make(map[string]*stub.Stub, len(docs))
+	for _, s := range stubs {
+		if d, ok := docs[keyOf(s)]; ok {
+			list = append(list, d)
+			stubByID[d.ID] = s
+		}
+	}
+	if len(list) == 0 {
+		return out, nil
+	}
+	for _, pr := range e.p.Processors {
+		if only != nil && !only[pr.Name()] {
+			continue
+		}
+		failed, err := e.process(ctx, pr, list)
+		if err != nil {
+			return out, err
+		}
+		for id, ferr := range failed {
+			s := stubByID[id]
+			if s == nil {
+				continue
+			}
+			out.failures = append(out.failures, Failure{Processor: pr.Name(), Stub: s, Err: ferr})
+			out.failed[keyOf(s)] = true
+		}
+		e.m.processed.WithLabelValues(e.p.Name, pr.Name()).Add(float64(len(list) - len(failed)))
+	}
+	return out, nil
+}
+
+// handle runs a round on a batch and records its per-document failures. A
+// returned error is transient: the batch must be retried as a whole.
+func (e *engine) handle(ctx context.Context, stubs []*stub.Stub) (outcome, error) {
+	out, err := e.round(ctx, stubs, nil)
+	if err != nil {
+		return out, err
+	}
+	if len(out.failures) > 0 {
+		if err := e.errs.record(ctx, e.p.Name, e.p.Retry, out.failures); err != nil {
+			return out, err
+		}
+		e.mayHaveErrors.Store(true)
+		for _, f := range out.failures {
+			e.m.docErrors.WithLabelValues(e.p.Name, f.Processor).Inc()
+		}
+	}
+	if e.mayHaveErrors.Load() {
+		// A document now processed by every processor no longer needs
+		// its older failures retried (a dead one included).
+		var ok []string
+		for _, s := range stubs {
+			if !out.failed[keyOf(s)] {
+				ok = append(ok, s.DocumentID)
+			}
+		}
+		if err := e.errs.resolve(ctx, e.p.Name, ok); err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,292 @@
+package pillows
+
+import (
+	"context"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/changefeed/changefeed/stub"
+)
+
+// worker processes one assigned partition: it batches the partition's
+// records, processes them in order and marks the last record of a batch
+// only after the whole batch was handled. One worker per partition at a
+// time, so one document's stubs (same key, same partition) are processed
+// sequentially.
+type worker struct {
+	pr    *pillowRun
+	topic string
+	part  int32
+	log   *slog.Logger
+
+	ctx    context.Context // canceled: abandon the batch in hand
+	cancel context.CancelFunc
+	quit   chan struct{} // closed: finish the batch in hand, then exit
+	quitMu sync.Once
+	done   chan struct{}
+	wake   chan struct{}
+
+	mu            sync.Mutex
+	queue         []*kgo.Record
+	hwm           int64
+	backpressured bool
+	transient     bool
+	paused        bool
+
+	ownMu sync.Mutex
+	owned bool
+
+	dd *dedup
+}
+
+func newWorker(pr *pillowRun, topic string, part int32) *worker {
+	ctx, cancel := context.WithCancel(pr.abortCtx)
+	return &worker{
+		pr: pr, topic: topic, part: part,
+		log:    pr.log.With("topic", topic, "partition", part),
+		ctx:    ctx,
+		cancel: cancel,
+		quit:   make(chan struct{}),
+		done:   make(chan struct{}),
+		wake:   make(chan struct{}, 1),
+		owned:  true,
+		dd:     newDedup(pr.p.DedupSize),
+	}
+}
+
+// highWater is the queue length at which fetching of the partition pauses
+// (it resumes below half): a few batches ahead, bounded memory.
+func (w *worker) highWater() int { return max(1000, 8*w.pr.p.Batch.MaxStubs) }
+
+// enqueue is called by the poll loop; it never blocks. When the queue
+// grows past its high-water mark the partition's fetching is paused.
+func (w *worker) enqueue(recs []*kgo.Record, hwm int64) {
+	w.mu.Lock()
+	w.queue = append(w.queue, recs...)
+	w.hwm = hwm
+	if len(w.queue) >= w.highWater() {
+		w.backpressured = true
+		w.updatePause()
+	}
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (w *worker) take(n int) []*kgo.Record {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n = min(n, len(w.queue))
+	out := make([]*kgo.Record, n)
+	copy(out, w.queue)
+	clear(w.queue[:n])
+	w.queue = w.queue[n:]
+	if w.backpressured && len(w.queue) < w.highWater()/2 {
+		w.backpressured = false
+		w.updatePause()
+	}
+	return out
+}
+
+func (w *worker) setTransient(on bool) {
+	w.mu.Lock()
+	w.transient = on
+	w.updatePause()
+	w.mu.Unlock()
+}
+
+// updatePause pauses or resumes fetching of the partition. Called with mu.
+func (w *worker) updatePause() {
+	want := w.backpressured || w.transient
+	if want == w.paused {
+		return
+	}
+	m := map[string][]int32{w.topic: {w.part}}
+	if want {
+		w.pr.cl.PauseFetchPartitions(m)
+	} else {
+		w.pr.cl.ResumeFetchPartitions(m)
+	}
+	w.paused = want
+}
+
+// stop asks the worker to finish the batch in hand and exit.
+func (w *worker) stop() { w.quitMu.Do(func() { close(w.quit) }) }
+
+// disown refuses every later mark: the partition may belong to another
+// member now.
+func (w *worker) disown() {
+	w.ownMu.Lock()
+	w.owned = false
+	w.ownMu.Unlock()
+}
+
+func (w *worker) mark(r *kgo.Record) bool {
+	w.ownMu.Lock()
+	defer w.ownMu.Unlock()
+	if !w.owned {
+		return false
+	}
+	w.pr.cl.MarkCommitRecords(r)
+	return true
+}
+
+func (w *worker) quitting() bool {
+	select {
+	case <-w.quit:
+		return true
+	default:
+		return false
+	}
+}
+
+func (w *worker) run() {
+	defer close(w.done)
+	defer w.cancel()
+	defer func() {
+		// A paused partition stays paused in the client across
+		// assignments: resume it so a later owner session fetches it.
+		w.mu.Lock()
+		w.backpressured, w.transient = false, false
+		w.updatePause()
+		w.mu.Unlock()
+	}()
+	limit := w.pr.p.Batch.MaxStubs
+	for {
+		recs := w.take(limit)
+		if len(recs) == 0 {
+			select {
+			case <-w.quit:
+				return
+			case <-w.ctx.Done():
+				return
+			case <-w.wake:
+				continue
+			}
+		}
+		if len(recs) < limit && !w.quitting() {
+			timer := time.NewTimer(w.pr.p.Batch.MaxWait)
+		collect:
+			for len(recs) < limit {
+				select {
+				case <-w.wake:
+					recs = append(recs, w.take(limit-len(recs))...)
+				case <-timer.C:
+					break collect
+				case <-w.quit:
+					break collect
+				}
+			}
+			timer.Stop()
+		}
+		if !w.process(recs) || w.quitting() {
+			return
+		}
+	}
+}
+
+// process handles one batch. It returns false when the batch was abandoned
+// (the worker must exit without marking).
+func (w *worker) process(recs []*kgo.Record) bool {
+	pr := w.pr
+	p := pr.p
+	m := pr.r.o.Metrics
+	m.batchSize.WithLabelValues(p.Name).Observe(float64(len(recs)))
+	w.log.Debug("batch", "records", len(recs), "first_offset", recs[0].Offset, "last_offset", recs[len(recs)-1].Offset)
+
+	// Decode, filter, collapse to the highest version per document, and
+	// skip what this partition already processed.
+	latest := map[docKey]*stub.Stub{}
+	var order []docKey
+	var lastPublished time.Time
+	dups := 0
+	for _, r := range recs {
+		s, err := stub.Unmarshal(r.Value)
+		if err != nil {
+			m.skipped.WithLabelValues(p.Name, "invalid").Inc()
+			w.log.Warn("skipping invalid stub", "offset", r.Offset, "err", err)
+			continue
+		}
+		if s.PublishTimestamp.After(lastPublished) {
+			lastPublished = s.PublishTimestamp
+		}
+		if !p.Filter.Match(s) {
+			m.skipped.WithLabelValues(p.Name, "filtered").Inc()
+			continue
+		}
+		if w.dd.done(s) {
+			dups++
+			continue
+		}
+		k := keyOf(s)
+		if old, ok := latest[k]; ok {
+			dups++
+			if newer(s, old) {
+				latest[k] = s
+			}
+			continue
+		}
+		latest[k] = s
+		order = append(order, k)
+	}
+	if dups > 0 {
+		m.skipped.WithLabelValues(p.Name, "duplicate").Add(float64(dups))
+	}
+	stubs := make([]*stub.Stub, len(order))
+	for i, k := range order {
+		stubs[i] = latest[k]
+	}
+
+	if len(stubs) > 0 {
+		backoff := pr.r.o.TransientMin
+		for attempt := 1; ; attempt++ {
+			out, err := pr.eng.handle(w.ctx, stubs)
+			if err == nil {
+				for _, s := range stubs {
+					if !out.failed[keyOf(s)] {
+						w.dd.record(s)
+					}
+				}
+				break
+			}
+			if w.ctx.Err() != nil {
+				return false
+			}
+			m.transient.WithLabelValues(p.Name).Inc()
+			w.log.Warn("transient failure: partition paused, batch will be retried", "attempt", attempt, "backoff", backoff, "err", err)
+			w.setTransient(true)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-w.quit:
+				t.Stop()
+				return false
+			case <-w.ctx.Done():
+				t.Stop()
+				return false
+			}
+			backoff = min(2*backoff, pr.r.o.TransientMax)
+		}
+		w.setTransient(false)
+	}
+
+	last := recs[len(recs)-1]
+	if !w.mark(last) {
+		return false
+	}
+	w.mu.Lock()
+	hwm := w.hwm
+	w.mu.Unlock()
+	lbl := []string{p.Name, w.topic, strconv.Itoa(int(w.part))}
+	m.lagRecords.WithLabelValues(lbl...).Set(float64(max(0, hwm-last.Offset-1)))
+	if !lastPublished.IsZero() {
+		m.lagSeconds.WithLabelValues(lbl...).Set(time.Since(lastPublished).Seconds())
+	}
+	return true
+}

@@ -1,0 +1,104 @@
+// Package cdc is the cdc-publisher: it streams a PostgreSQL logical
+// replication slot (pgoutput) and publishes one stub per changed document to
+// Kafka, in commit order, keyed by document id.
+//
+// # What it guarantees
+//
+// Every committed change of a published table, and only committed changes,
+// reaches Kafka at least once. Rolled-back transactions are never decoded by
+// PostgreSQL, so they produce nothing. A stub's version is the commit LSN of
+// its transaction and its ordinal within it (see stub.SQLVersion), so two
+// transactions touching one document are ordered by when they committed, not
+// by when they wrote.
+//
+// # When an LSN is confirmed
+//
+// The slot's confirmed_flush_lsn is the point PostgreSQL may discard WAL up
+// to, and where decoding restarts after any disconnection. The publisher moves
+// it with these rules:
+//
+//  1. Every transaction is a unit of an ack.Tracker: opened at BEGIN, one
+//     message counted per stub produced, closed at COMMIT with the
+//     transaction's end LSN. Kafka acknowledgements resolve messages in any
+//     order; the tracker's confirmed position is the end of the newest
+//     transaction such that it and every earlier transaction are fully
+//     acknowledged.
+//  2. Periodically (Config.StatusInterval) and at shutdown, if that position
+//     advanced, the publisher first UPSERTs it into
+//     changefeed.cdc_checkpoint (committed, hence durable), and only then
+//     sends a standby status update whose write, flush and apply positions
+//     are all set explicitly to it. So the checkpoint is always >= the slot's
+//     confirmed_flush_lsn.
+//  3. Keepalives never confirm anything while a transaction is open or a
+//     stub is unacknowledged. Only when the tracker is idle may the
+//     keepalive's WAL end be confirmed (checkpoint first, as above), so that
+//     a slot whose published tables are quiet retains no WAL (except, until
+//     the next write, the few hundred bytes of the publisher's own last
+//     checkpoint write: confirming those would write another checkpoint,
+//     forever). When idle the publisher asks the server for a keepalive on
+//     every status interval. An optional heartbeat (pg_logical_emit_message
+//     on an interval) adds WAL on a database that has none.
+//
+// Status updates always set write, flush and apply to the confirmed
+// position explicitly (pglogrepl's helper would replace a zero flush with
+// the write position), at least every Config.KeepaliveInterval, and at once
+// when the server asks.
+//
+// Between two confirmations nothing is lost: changes after the confirmed
+// position are still in the slot, and a crash at any point replays them from
+// there. The price is duplicates: stubs published after the last
+// confirmation are published again after a restart. Consumers deduplicate by
+// version.
+//
+// # The checkpoint as a witness
+//
+// A slot that is missing while a checkpoint row exists (dropped, lost in a
+// failover) or whose confirmed_flush_lsn is ahead of the checkpoint may have
+// skipped changes. The publisher then refuses to start (ErrPossibleGap) and
+// names both positions; only Config.AllowNewSlot accepts the gap, creating a
+// fresh slot or taking the slot's position.
+//
+// # Routing
+//
+// Each table of the routing file (see Routing and testdata/routing.yaml)
+// names its topic, document type, id, domain and subtype columns, how a
+// deletion shows, or, for a child table, the column naming its parent
+// document. The publisher creates the publication with the routed tables
+// when it is missing, adds routed tables to an existing one, and never
+// removes tables. Rows of published tables that the routing does not name go
+// to the default topic (meta) with document_type = table name and the
+// replica identity key as document id ("/"-joined when composite).
+// changefeed's own schema is never published.
+//
+// # What it does not guarantee
+//
+//   - Exactly once: see duplicates above.
+//   - TRUNCATE is not expanded into per-row stubs: it publishes one
+//     table-level event on Config.ControlTopic, logs a warning and counts
+//     changefeed_cdc_truncates_total.
+//   - A DELETE carries only the replica identity: columns outside it (domain,
+//     subtype) are empty in deletion stubs unless the table has REPLICA
+//     IDENTITY FULL. The document id (or the parent id of a child table) must
+//     be in the replica identity; that is checked at start.
+//
+// # Failures
+//
+// A record Kafka refuses for good stops the publisher with an error (the slot
+// replays from the confirmed LSN on restart). Kafka unreachable: the producer
+// retries forever, nothing new is confirmed, readiness fails, the process
+// stays up; the number of unacknowledged stubs is bounded
+// (Config.MaxInFlight), so memory is too. PostgreSQL connection lost: the
+// publisher waits for Kafka to acknowledge what was produced, reconnects with
+// backoff and resumes from the confirmed position.
+//
+// # Publish from anywhere
+//
+// pg_logical_emit_message(true, 'changefeed', '<stub json>') inside an
+// application transaction publishes that stub in commit order, stamped with
+// the transaction's commit LSN, ordinal, xid and commit time, only if the
+// transaction commits. The JSON is a stub (HQ ChangeMeta names) validated
+// with stub.Unmarshal; an optional "topic" field picks the topic (it must be
+// one the routing knows), otherwise the topic follows document_type. An
+// invalid message is logged, counted (changefeed_cdc_invalid_messages_total)
+// and skipped.
+package cdc

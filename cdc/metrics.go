@@ -1,0 +1,81 @@
+package cdc
+
+import (
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type metrics struct {
+	confirmedLSN     prometheus.Gauge
+	lagBytes         prometheus.Gauge
+	lagSeconds       prometheus.Gauge
+	invalid          prometheus.Counter
+	truncates        *prometheus.CounterVec
+	checkpointErrors prometheus.Counter
+	reconnects       prometheus.Counter
+	transactions     prometheus.Counter
+	changes          prometheus.Counter
+	streaming        prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer, inFlight func() float64) (*metrics, error) {
+	m := &metrics{
+		confirmedLSN: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "changefeed_cdc_confirmed_lsn",
+			Help: "The LSN last confirmed to the slot (checkpointed first), as a number.",
+		}),
+		lagBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "changefeed_cdc_lag_bytes",
+			Help: "pg_current_wal_lsn() minus the confirmed LSN, sampled.",
+		}),
+		lagSeconds: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "changefeed_cdc_lag_seconds",
+			Help: "While stubs are unacknowledged: seconds since the commit of the last fully acknowledged transaction; 0 when nothing is pending.",
+		}),
+		invalid: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "changefeed_cdc_invalid_messages_total",
+			Help: "Published-from-anywhere messages and rows that could not become a stub, skipped.",
+		}),
+		truncates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "changefeed_cdc_truncates_total",
+			Help: "TRUNCATEs of published tables (published as events on the control topic).",
+		}, []string{"table"}),
+		checkpointErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "changefeed_cdc_checkpoint_errors_total",
+			Help: "Failed writes of changefeed.cdc_checkpoint; nothing is confirmed while they fail.",
+		}),
+		reconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "changefeed_cdc_reconnects_total",
+			Help: "Replication sessions restarted after a PostgreSQL error.",
+		}),
+		transactions: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "changefeed_cdc_transactions_total",
+			Help: "Transactions decoded.",
+		}),
+		changes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "changefeed_cdc_changes_total",
+			Help: "Row changes and messages decoded.",
+		}),
+		streaming: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "changefeed_cdc_streaming",
+			Help: "1 while the replication stream is running.",
+		}),
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{
+		m.confirmedLSN, m.lagBytes, m.lagSeconds, m.invalid, m.truncates, m.checkpointErrors,
+		m.reconnects, m.transactions, m.changes, m.streaming,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "changefeed_cdc_stubs_in_flight",
+			Help: "Stubs produced and not yet acknowledged by Kafka.",
+		}, inFlight),
+	} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register metrics: %w", err)
+		}
+	}
+	return m, nil
+}

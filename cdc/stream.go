@@ -1,0 +1,758 @@
+package cdc
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/changefeed/changefeed/ack"
+	"github.com/changefeed/changefeed/stub"
+)
+
+// Prefixes of logical decoding messages the publisher reads.
+const (
+	// MessagePrefix marks a published-from-anywhere stub:
+	// pg_logical_emit_message(true, 'changefeed', '<stub json>').
+	MessagePrefix = "changefeed"
+	// HeartbeatPrefix marks the publisher's own heartbeats (skipped).
+	HeartbeatPrefix = "changefeed_heartbeat"
+)
+
+var errStreamEnded = errors.New("replication stream ended by the server")
+
+// txPos is a transaction's position for the tracker: its end LSN (what is
+// confirmed) and its commit time (for lag).
+type txPos struct {
+	end    stub.LSN
+	commit time.Time
+}
+
+// stream is one replication session: a connection, its tracker and the
+// relations the server described on it. Only the goroutine running run
+// touches it, except the tracker (acks arrive from the producer).
+type stream struct {
+	p    *Publisher
+	db   *pgx.Conn
+	conn *pgconn.PgConn
+	tr   *ack.Tracker[txPos]
+	rels map[uint32]*relation
+
+	// Current transaction.
+	inTx    bool
+	u       *ack.Unit[txPos]
+	tx      begin
+	ordinal uint32
+
+	startPos stub.LSN // confirmed when the stream started
+	sent     stub.LSN // last position sent as flush
+	// idlePos is a keepalive's WAL end seen with nothing open or in flight:
+	// everything before it that was published is acknowledged.
+	idlePos stub.LSN
+	// selfWAL is the WAL position right after our own idle checkpoint
+	// write: an idle position not past it is only our own write, and is not
+	// worth another checkpoint (that would loop forever).
+	selfWAL stub.LSN
+
+	// now is the publish time of the stubs being built (refreshed per
+	// transaction, every 256 changes and on every tick); nowText and
+	// commitText are it and the commit time, encoded once for all stubs.
+	now                 time.Time
+	nowText, commitText []byte
+
+	nextTick                           time.Time
+	lastStatus, lastHeartbeat, lastLag time.Time
+	lastReplyRequest                   time.Time
+	// lastReceived is when the server last sent anything: a connection
+	// silent for longer than silenceTimeout is taken as dead.
+	lastReceived time.Time
+
+	// Scratch reused for every change.
+	rows, old  rowVals
+	fields     stubFields
+	statusBuf  [39]byte
+	keyScratch []byte
+
+	tickerC <-chan time.Time
+	ctx     context.Context
+}
+
+func newStream(p *Publisher, db *pgx.Conn, conn *pgconn.PgConn, start stub.LSN) *stream {
+	return &stream{
+		p: p, db: db, conn: conn,
+		tr:       &ack.Tracker[txPos]{},
+		rels:     map[uint32]*relation{},
+		startPos: start,
+	}
+}
+
+// run streams until ctx is done (then it flushes and confirms: shutdown) or
+// an error.
+func (s *stream) run(ctx context.Context) error {
+	p := s.p
+	s.ctx = ctx
+	ticker := time.NewTicker(p.cfg.StatusInterval)
+	defer ticker.Stop()
+	s.tickerC = ticker.C
+	stopWatch := context.AfterFunc(ctx, func() {
+		// Wake a blocked read so that shutdown starts at once.
+		_ = s.conn.Conn().SetReadDeadline(time.Now())
+	})
+	defer stopWatch()
+
+	// Confirm the start position at once (it is the checkpoint, acked).
+	if err := s.sendStatus(s.startPos, false); err != nil {
+		return err
+	}
+	s.sent = s.startPos
+	p.confirmed.Store(uint64(s.startPos))
+	p.m.confirmedLSN.Set(float64(s.startPos))
+	p.state.Store(int32(StateStreaming))
+	p.m.streaming.Set(1)
+	p.log.Info("streaming", "slot", p.cfg.Slot, "publication", p.cfg.Publication, "start", s.startPos)
+
+	s.now = time.Now()
+	s.lastHeartbeat, s.lastLag, s.lastReceived = s.now, time.Time{}, s.now
+	s.nextTick = s.now.Add(p.cfg.StatusInterval)
+	for {
+		if err := s.conn.Conn().SetReadDeadline(s.nextTick); err != nil {
+			return fmt.Errorf("set read deadline: %w", err)
+		}
+		if ctx.Err() != nil {
+			return s.shutdown()
+		}
+		msg, err := s.conn.ReceiveMessage(context.Background())
+		if err == nil {
+			s.lastReceived = s.now
+		}
+		if err != nil {
+			if pgconn.Timeout(err) {
+				if ctx.Err() != nil {
+					return s.shutdown()
+				}
+				if err := s.tick(); err != nil {
+					return err
+				}
+				continue
+			}
+			return fmt.Errorf("receive from replication stream: %w", err)
+		}
+		switch m := msg.(type) {
+		case *pgproto3.CopyData:
+			if err := s.copyData(m.Data); err != nil {
+				if errors.Is(err, errStopping) {
+					return s.shutdown()
+				}
+				return err
+			}
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("replication stream: %w", pgconn.ErrorResponseToPgError(m))
+		case *pgproto3.CopyDone:
+			return errStreamEnded
+		}
+	}
+}
+
+var errStopping = errors.New("stopping")
+
+// silenceTimeout is how long the replication connection may stay silent
+// (no data, no keepalive, even when asked for one) before it is reconnected.
+const silenceTimeout = 90 * time.Second
+
+func (s *stream) copyData(d []byte) error {
+	if len(d) == 0 {
+		return nil
+	}
+	switch d[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		if len(d) < 18 {
+			return errShortMessage
+		}
+		walEnd := stub.LSN(binary.BigEndian.Uint64(d[1:]))
+		if !s.inTx && s.tr.Idle() && walEnd > s.idlePos {
+			s.idlePos = walEnd
+		}
+		if d[17] != 0 {
+			// The server wants an answer now (wal_sender_timeout).
+			return s.confirm(true)
+		}
+		return nil
+	case pglogrepl.XLogDataByteID:
+		if len(d) < 25 {
+			return errShortMessage
+		}
+		return s.walMessage(d[25:])
+	}
+	return nil
+}
+
+func (s *stream) walMessage(m []byte) error {
+	if len(m) == 0 {
+		return errShortMessage
+	}
+	switch m[0] {
+	case 'B':
+		if s.inTx {
+			return errors.New("pgoutput: BEGIN inside a transaction")
+		}
+		b, err := decodeBegin(m[1:])
+		if err != nil {
+			return err
+		}
+		s.tx, s.inTx, s.ordinal = b, true, 0
+		s.u = s.tr.Begin()
+		s.setNow(time.Now())
+		s.commitText = appendTime(s.commitText[:0], b.commit)
+	case 'C':
+		if !s.inTx {
+			return errors.New("pgoutput: COMMIT outside a transaction")
+		}
+		c, err := decodeCommit(m[1:])
+		if err != nil {
+			return err
+		}
+		s.u.End(txPos{end: c.endLSN, commit: c.time})
+		s.u, s.inTx = nil, false
+		s.p.m.transactions.Inc()
+	case 'I', 'U', 'D':
+		return s.rowChange(m)
+	case 'R':
+		var rm pglogrepl.RelationMessage
+		if err := rm.Decode(m[1:]); err != nil {
+			return fmt.Errorf("pgoutput relation: %w", err)
+		}
+		rel, err := newRelation(&rm, s.p.cfg.Routing)
+		if err != nil {
+			return err
+		}
+		switch {
+		case rel.noKey:
+			s.p.log.Warn("published table is not in the routing file and has no replica identity key: its changes are skipped",
+				"table", rel.qualified)
+		case rel.route == nil && !rel.skip:
+			s.p.log.Warn("published table is not in the routing file: its stubs go to the default topic with document_type = table name",
+				"table", rel.qualified, "topic", rel.topic)
+		}
+		s.rels[rel.id] = rel
+	case 'T':
+		return s.truncate(m[1:])
+	case 'M':
+		return s.message(m[1:])
+	case 'Y', 'O':
+		// Type and Origin messages carry nothing a stub needs.
+	default:
+		return fmt.Errorf("pgoutput: unexpected message type %q", m[0])
+	}
+	return nil
+}
+
+func (s *stream) rowChange(m []byte) error {
+	if !s.inTx {
+		return errors.New("pgoutput: row change outside a transaction")
+	}
+	if len(m) < 6 {
+		return errShortMessage
+	}
+	rel := s.rels[binary.BigEndian.Uint32(m[1:])]
+	if rel == nil {
+		return fmt.Errorf("pgoutput: change of unknown relation %d", binary.BigEndian.Uint32(m[1:]))
+	}
+	s.ordinal++
+	s.p.m.changes.Inc()
+	if rel.skip {
+		return nil
+	}
+	if s.ordinal%256 == 0 {
+		// A long transaction: keep publish_timestamp current.
+		s.setNow(time.Now())
+	}
+	kind := m[0]
+	rest := m[5:]
+	s.rows.reset()
+	s.old.reset()
+	if rel.nkeys > 0 {
+		if len(s.rows.keys) != rel.nkeys {
+			s.rows.keys = make([]colVal, rel.nkeys)
+			s.old.keys = make([]colVal, rel.nkeys)
+		}
+	}
+	var err error
+	hasOld := false
+	if len(rest) == 0 {
+		return errShortMessage
+	}
+	if rest[0] == 'K' || rest[0] == 'O' {
+		if rest, err = scanTuple(rest[1:], rel, &s.old); err != nil {
+			return err
+		}
+		hasOld = true
+	}
+	if kind != 'D' {
+		if len(rest) == 0 || rest[0] != 'N' {
+			return fmt.Errorf("pgoutput: %c of %s without a new tuple", kind, rel.qualified)
+		}
+		if _, err = scanTuple(rest[1:], rel, &s.rows); err != nil {
+			return err
+		}
+	}
+	switch kind {
+	case 'D':
+		return s.rowStub(rel, &s.old, !rel.isChild())
+	case 'U':
+		if hasOld {
+			// Unchanged TOASTed values are only in the old tuple.
+			for i := range s.rows.v {
+				if s.rows.v[i].kind == 'u' {
+					s.rows.v[i] = s.old.v[i]
+				}
+			}
+		}
+		if err := s.rowStub(rel, &s.rows, false); err != nil {
+			return err
+		}
+		// The key changed: the row left its old document (a child moved
+		// to another parent, or a document's id changed).
+		if hasOld && s.old.v[slotID].present() && rel.nkeys == 0 && !bytes.Equal(s.old.v[slotID].data, s.rows.v[slotID].data) {
+			return s.rowStub(rel, &s.old, !rel.isChild())
+		}
+		return nil
+	default:
+		return s.rowStub(rel, &s.rows, false)
+	}
+}
+
+func (r *relation) isChild() bool { return r.route != nil && r.route.IsChild() }
+
+// rowStub publishes the stub of a row's document. deleted forces
+// is_deletion (a DELETE of a document row).
+func (s *stream) rowStub(rel *relation, row *rowVals, deleted bool) error {
+	p := s.p
+	f := &s.fields
+	*f = stubFields{}
+	if rel.nkeys > 0 {
+		s.keyScratch = s.keyScratch[:0]
+		for i, k := range row.keys {
+			if i > 0 {
+				s.keyScratch = append(s.keyScratch, '/')
+			}
+			s.keyScratch = append(s.keyScratch, k.data...)
+		}
+		f.ID = s.keyScratch
+	} else {
+		if !row.v[slotID].present() || len(row.v[slotID].data) == 0 {
+			p.m.invalid.Inc()
+			p.log.Warn("row without a document id skipped", "table", rel.qualified, "lsn", s.tx.finalLSN, "xid", s.tx.xid)
+			return nil
+		}
+		f.ID = row.v[slotID].data
+	}
+	f.DocType = rel.docType
+	if f.DocType == nil {
+		if v := row.v[slotType]; v.present() && len(v.data) > 0 {
+			f.DocType = v.data
+		} else {
+			f.DocType = []byte(rel.name)
+		}
+	}
+	topic := rel.topic
+	if len(rel.deletedSuffix) > 0 && bytes.HasSuffix(f.DocType, rel.deletedSuffix) {
+		deleted = true
+		if topic == "" {
+			topic = p.cfg.Routing.topicFor(string(f.DocType[:len(f.DocType)-len(rel.deletedSuffix)]))
+		}
+	}
+	if topic == "" {
+		topic = p.cfg.Routing.topicFor(string(f.DocType))
+	}
+	if v := row.v[slotDeleted]; v.present() && len(v.data) > 0 && (v.data[0] == 't' || v.data[0] == 'T') {
+		deleted = true
+	}
+	f.Domain = row.v[slotDomain].data
+	f.Subtype = row.v[slotSubtype].data
+	f.SourceName = rel.sourceName
+	f.Source = stub.SourceSQL
+	f.Deletion = deleted && !rel.isChild()
+	f.Published, f.Original, f.PublishedText = s.now, s.now, s.nowText
+	f.LSN, f.Ordinal, f.XID, f.Commit, f.CommitText = s.tx.finalLSN, s.ordinal, s.tx.xid, s.tx.commit, s.commitText
+	return s.emit(topic, f.ID, f, nil)
+}
+
+// setNow sets the publish time of the stubs that follow.
+func (s *stream) setNow(t time.Time) {
+	s.now = t.UTC()
+	// A fresh buffer, never reused: a stub being built while emit waits
+	// (and ticks, and so calls setNow) still holds the previous one.
+	s.nowText = appendTime(make([]byte, 0, 40), s.now)
+}
+
+// emit produces one record for the current transaction. When MaxInFlight
+// records are unacknowledged it waits, still confirming and answering the
+// server, so that a Kafka outage stalls decoding without losing the
+// replication connection.
+func (s *stream) emit(topic string, key []byte, f *stubFields, value []byte) error {
+	p := s.p
+	// Encode before any wait: f borrows buffers (the publish time text, the
+	// decoded message) that a status tick during waitSlot may rewrite.
+	o := p.pool.Get().(*outRecord)
+	o.r = kgo.Record{Topic: topic, Key: append(o.r.Key[:0], key...), Value: o.r.Value[:0]}
+	if f != nil {
+		o.r.Value = appendStub(o.r.Value, f)
+	} else {
+		o.r.Value = append(o.r.Value, value...)
+	}
+	if p.inFlight.Add(1) > int64(p.cfg.MaxInFlight) {
+		if err := s.waitSlot(); err != nil {
+			p.inFlight.Add(-1)
+			p.pool.Put(o)
+			return err
+		}
+	}
+	o.u = s.u
+	s.u.Add()
+	p.prod.PublishRecord(p.prodCtx, &o.r, o.done)
+	return nil
+}
+
+func (s *stream) waitSlot() error {
+	p := s.p
+	defer func() {
+		p.waiting.Store(false)
+		// The server was not read meanwhile: its silence proves nothing.
+		s.lastReceived = time.Now()
+	}()
+	for {
+		// Set the flag before the check: an ack either sees the flag (and
+		// wakes us) or happened before the check.
+		p.waiting.Store(true)
+		if p.inFlight.Load() <= int64(p.cfg.MaxInFlight) {
+			return nil
+		}
+		select {
+		case <-p.wake:
+		case <-s.tickerC:
+			if err := s.tick(); err != nil {
+				return err
+			}
+		case <-s.ctx.Done():
+			return errStopping
+		}
+	}
+}
+
+// outRecord is a pooled Kafka record with its ack bookkeeping.
+type outRecord struct {
+	r    kgo.Record
+	u    *ack.Unit[txPos]
+	p    *Publisher
+	done func(error)
+}
+
+func (o *outRecord) finish(err error) {
+	p, u := o.p, o.u
+	if p.cfg.PrintStubs != nil && err == nil {
+		p.printStub(&o.r)
+	}
+	if err != nil {
+		p.log.Error("Kafka refused a stub for good", "topic", o.r.Topic, "key", string(o.r.Key), "err", err)
+	}
+	o.u = nil
+	if cap(o.r.Value) > 64<<10 {
+		o.r.Value = nil
+	}
+	if cap(o.r.Key) > 4<<10 {
+		o.r.Key = nil
+	}
+	if p.inFlight.Add(-1) <= int64(p.cfg.MaxInFlight) && p.waiting.Load() {
+		select {
+		case p.wake <- struct{}{}:
+		default:
+		}
+	}
+	p.pool.Put(o)
+	u.Done(err)
+}
+
+// message handles a logical decoding message (pg_logical_emit_message).
+func (s *stream) message(m []byte) error {
+	var lm pglogrepl.LogicalDecodingMessage
+	if len(m) < 14 {
+		return errShortMessage
+	}
+	if err := lm.Decode(m); err != nil {
+		return fmt.Errorf("pgoutput message: %w", err)
+	}
+	switch lm.Prefix {
+	case HeartbeatPrefix:
+		return nil
+	case MessagePrefix:
+	default:
+		return nil
+	}
+	p := s.p
+	if s.inTx {
+		s.ordinal++
+		p.m.changes.Inc()
+	}
+	invalid := func(reason string, err error) error {
+		p.m.invalid.Inc()
+		p.log.Warn("invalid changefeed message skipped", "reason", reason, "err", err, "lsn", stub.LSN(lm.LSN),
+			"xid", s.tx.xid, "content", truncate(lm.Content, 512))
+		return nil
+	}
+	if !lm.Transactional || !s.inTx {
+		return invalid("not transactional: use pg_logical_emit_message(true, 'changefeed', …)", nil)
+	}
+	st, err := stub.Unmarshal(lm.Content)
+	if err != nil {
+		return invalid("not a valid stub", err)
+	}
+	var extra struct {
+		Topic string `json:"topic"`
+	}
+	_ = json.Unmarshal(lm.Content, &extra) // already parsed once: cannot fail
+	topic := extra.Topic
+	if topic == "" {
+		topic = p.cfg.Routing.topicFor(st.DocumentType)
+	} else if !p.topics[topic] {
+		return invalid(fmt.Sprintf("topic %q is not one the routing knows (add it to topics: in the routing file)", topic), nil)
+	}
+	st.LSN, st.TxOrdinal, st.XID, st.CommitTimestamp = s.tx.finalLSN, s.ordinal, s.tx.xid, s.tx.commit
+	st.PublishTimestamp = s.now
+	if st.OriginalPublicationDatetime.IsZero() {
+		st.OriginalPublicationDatetime = s.now
+	}
+	f := fieldsOf(st)
+	return s.emit(topic, f.ID, &f, nil)
+}
+
+func truncate(b []byte, n int) string {
+	if len(b) > n {
+		return string(b[:n]) + "…"
+	}
+	return string(b)
+}
+
+// truncateEvent is the control-topic record for a TRUNCATE.
+type truncateEvent struct {
+	Event           string    `json:"event"`
+	Table           string    `json:"table"`
+	LSN             stub.LSN  `json:"lsn"`
+	XID             uint32    `json:"xid"`
+	CommitTimestamp time.Time `json:"commit_timestamp"`
+	Cascade         bool      `json:"cascade"`
+	RestartIdentity bool      `json:"restart_identity"`
+}
+
+func (s *stream) truncate(m []byte) error {
+	if !s.inTx {
+		return errors.New("pgoutput: TRUNCATE outside a transaction")
+	}
+	var tm pglogrepl.TruncateMessage
+	if len(m) < 9 {
+		return errShortMessage
+	}
+	if err := tm.Decode(m); err != nil {
+		return fmt.Errorf("pgoutput truncate: %w", err)
+	}
+	p := s.p
+	for _, id := range tm.RelationIDs {
+		rel := s.rels[id]
+		if rel == nil {
+			return fmt.Errorf("pgoutput: TRUNCATE of unknown relation %d", id)
+		}
+		if rel.skip {
+			continue
+		}
+		s.ordinal++
+		ev := truncateEvent{
+			Event: "truncate", Table: rel.qualified, LSN: s.tx.finalLSN, XID: s.tx.xid, CommitTimestamp: s.tx.commit,
+			Cascade:         tm.Option&pglogrepl.TruncateOptionCascade != 0,
+			RestartIdentity: tm.Option&pglogrepl.TruncateOptionRestartIdentity != 0,
+		}
+		value, err := json.Marshal(ev)
+		if err != nil {
+			return err
+		}
+		p.m.truncates.WithLabelValues(rel.qualified).Inc()
+		p.log.Warn("TRUNCATE of a published table: no per-row stubs are published; a table-level event goes to the control topic, consumers must resync the table",
+			"table", rel.qualified, "lsn", s.tx.finalLSN, "xid", s.tx.xid, "control_topic", p.cfg.ControlTopic)
+		if err := s.emit(p.cfg.ControlTopic, []byte(rel.qualified), nil, value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// tick does the periodic work: fail on a produce error, confirm, heartbeat,
+// sample lag.
+func (s *stream) tick() error {
+	p := s.p
+	s.setNow(time.Now())
+	s.nextTick = s.now.Add(p.cfg.StatusInterval)
+	if err := s.tr.Err(); err != nil {
+		return fmt.Errorf("%w: %w", ErrProduce, err)
+	}
+	if err := s.confirm(false); err != nil {
+		return err
+	}
+	if silent := s.now.Sub(s.lastReceived); silent > silenceTimeout {
+		return fmt.Errorf("%w: nothing received from the server for %s", errStreamEnded, silent.Round(time.Second))
+	} else if silent > silenceTimeout/3 && s.now.Sub(s.lastReplyRequest) > silenceTimeout/6 {
+		// Ask for a keepalive: an answer proves the connection alive.
+		s.lastReplyRequest = s.now
+		if err := s.sendStatus(s.sent, true); err != nil {
+			return err
+		}
+	}
+	if p.cfg.HeartbeatInterval > 0 && s.now.Sub(s.lastHeartbeat) >= p.cfg.HeartbeatInterval {
+		s.lastHeartbeat = s.now
+		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+		_, err := s.db.Exec(ctx, "SELECT pg_logical_emit_message(false, $1, now()::text)", HeartbeatPrefix)
+		cancel()
+		if err != nil && s.ctx.Err() == nil {
+			return fmt.Errorf("emit heartbeat: %w", err)
+		}
+	}
+	if s.now.Sub(s.lastLag) >= p.cfg.LagInterval {
+		s.lastLag = s.now
+		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+		var lag int64
+		err := s.db.QueryRow(ctx, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint", p.Confirmed().String()).Scan(&lag)
+		cancel()
+		if err != nil && s.ctx.Err() == nil {
+			return fmt.Errorf("sample lag: %w", err)
+		}
+		p.m.lagBytes.Set(float64(lag))
+	}
+	return nil
+}
+
+// confirm checkpoints and confirms the acknowledged position if it advanced,
+// and sends a status update when one is due (or force).
+func (s *stream) confirm(force bool) error {
+	p := s.p
+	now := time.Now()
+	pos := s.sent
+	var commitTime time.Time
+	if c, ok := s.tr.Confirmed(); ok && c.end > pos {
+		pos, commitTime = c.end, c.commit
+	}
+	idle := !s.inTx && s.tr.Idle()
+	fromIdle := false
+	if idle && s.idlePos > pos && s.idlePos > s.selfWAL {
+		pos, fromIdle = s.idlePos, true
+	}
+	switch {
+	case idle:
+		p.m.lagSeconds.Set(0)
+	case !commitTime.IsZero():
+		p.m.lagSeconds.Set(now.Sub(commitTime).Seconds())
+	}
+	advanced := pos > s.sent
+	if advanced {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := p.writeCheckpoint(ctx, s.db, pos)
+		if err == nil && fromIdle {
+			var self string
+			if err = s.db.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&self); err == nil {
+				s.selfWAL, err = stub.ParseLSN(self)
+			}
+		}
+		cancel()
+		if err != nil {
+			p.m.checkpointErrors.Inc()
+			// Nothing is confirmed without a checkpoint: give up the
+			// session (the reconnect path retries).
+			return fmt.Errorf("checkpoint: %w", err)
+		}
+	}
+	due := now.Sub(s.lastStatus) >= p.cfg.KeepaliveInterval
+	// With nothing pending, ask the server for a keepalive: its WAL end is
+	// what an idle slot may be confirmed to.
+	askReply := idle && !fromIdle && now.Sub(s.lastReplyRequest) >= p.cfg.StatusInterval
+	if !advanced && !due && !force && !askReply {
+		return nil
+	}
+	if askReply {
+		s.lastReplyRequest = now
+	}
+	if err := s.sendStatus(pos, askReply); err != nil {
+		return err
+	}
+	if advanced {
+		p.log.Debug("confirmed", "lsn", pos, "from_idle", fromIdle, "self_wal", s.selfWAL)
+		s.sent = pos
+		p.confirmed.Store(uint64(pos))
+		p.m.confirmedLSN.Set(float64(pos))
+	}
+	return nil
+}
+
+// sendStatus sends a standby status update with write, flush and apply all
+// set to pos. It does not use pglogrepl.SendStandbyStatusUpdate, which
+// replaces a zero flush position with the write position.
+func (s *stream) sendStatus(pos stub.LSN, replyRequested bool) error {
+	b := s.statusBuf[:0]
+	b = append(b, 'd', 0, 0, 0, 38, pglogrepl.StandbyStatusUpdateByteID)
+	b = binary.BigEndian.AppendUint64(b, uint64(pos)) // write
+	b = binary.BigEndian.AppendUint64(b, uint64(pos)) // flush
+	b = binary.BigEndian.AppendUint64(b, uint64(pos)) // apply
+	b = binary.BigEndian.AppendUint64(b, uint64(time.Now().UnixMicro()-pgEpoch*1_000_000))
+	if replyRequested {
+		b = append(b, 1)
+	} else {
+		b = append(b, 0)
+	}
+	if err := s.conn.Frontend().SendUnbufferedEncodedCopyData(b); err != nil {
+		return fmt.Errorf("send standby status update: %w", err)
+	}
+	s.lastStatus = time.Now()
+	return nil
+}
+
+// shutdown flushes the producer and confirms what Kafka acknowledged.
+func (s *stream) shutdown() error {
+	p := s.p
+	p.log.Info("stopping: flushing producer and confirming", "in_flight", p.inFlight.Load())
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownTimeout)
+	defer cancel()
+	if err := p.prod.Flush(ctx); err != nil {
+		p.log.Warn("producer not flushed: unacknowledged stubs will be published again after restart", "err", err)
+	}
+	_ = s.conn.Conn().SetReadDeadline(time.Time{})
+	if err := s.tr.Err(); err != nil {
+		return fmt.Errorf("%w: %w", ErrProduce, err)
+	}
+	s.ctx = ctx
+	if err := s.confirm(true); err != nil {
+		return fmt.Errorf("final confirmation: %w", err)
+	}
+	p.log.Info("stopped", "confirmed", p.Confirmed())
+	return nil
+}
+
+func (p *Publisher) printStub(r *kgo.Record) {
+	b := make([]byte, 0, len(r.Value)+64)
+	b = append(b, `{"topic":`...)
+	b = appendJSONString(b, r.Topic)
+	b = append(b, `,"partition":`...)
+	b = strconv.AppendInt(b, int64(r.Partition), 10)
+	b = append(b, `,"offset":`...)
+	b = strconv.AppendInt(b, r.Offset, 10)
+	b = append(b, `,"value":`...)
+	b = append(b, r.Value...)
+	b = append(b, '}', '\n')
+	p.printMu.Lock()
+	_, _ = p.cfg.PrintStubs.Write(b)
+	p.printMu.Unlock()
+}

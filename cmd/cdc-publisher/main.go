@@ -25,23 +25,18 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/changefeed/changefeed/cdc"
+	"github.com/changefeed/changefeed/internal/cmdutil"
 	"github.com/changefeed/changefeed/kafkaconn"
-	"github.com/changefeed/changefeed/migrations"
 	"github.com/changefeed/changefeed/publish"
 )
 
@@ -74,10 +69,7 @@ type settings struct {
 }
 
 func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	cmd := "run"
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		cmd, args = args[0], args[1:]
-	}
+	cmd, args := cmdutil.Subcommand(args, "run")
 	s, err := parseFlags(cmd, args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -86,18 +78,13 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		fmt.Fprintf(stderr, "cdc-publisher: %v\n", err)
 		return 2
 	}
-	log := newLogger(stderr, s.logLevel)
+	log := cmdutil.NewLogger(stderr, s.logLevel, "cdc-publisher", nil)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
 	switch cmd {
 	case "migrate":
-		if err := migrations.Up(ctx, s.postgresURL, log); err != nil {
-			log.Error("migrate failed", "err", err)
-			return 1
-		}
-		log.Info("migrations applied")
-		return 0
+		return cmdutil.Migrate(ctx, s.postgresURL, log)
 	case "run":
 		return serve(ctx, s, log, stdout)
 	default:
@@ -125,8 +112,7 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		s.kafka.Brokers = cluster.ListenAddrs()
 		log.Warn("using an embedded in-memory Kafka (kfake): for demos only, nothing survives the process", "brokers", s.kafka.Brokers)
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := cmdutil.NewRegistry()
 	prod, err := publish.New(s.kafka, publish.Options{
 		Partitions:        int32(s.partitions),
 		ReplicationFactor: int16(s.replication),
@@ -165,15 +151,12 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		return exitCode(err)
 	}
 	if s.httpAddr != "" && s.httpAddr != "off" {
-		ln, err := net.Listen("tcp", s.httpAddr)
+		srv, err := cmdutil.ServeHTTP(s.httpAddr, p.Handler(reg), log)
 		if err != nil {
 			log.Error("http listen", "addr", s.httpAddr, "err", err)
 			return 2
 		}
-		srv := &http.Server{Handler: p.Handler(reg), ReadHeaderTimeout: 5 * time.Second}
-		go func() { _ = srv.Serve(ln) }()
 		defer srv.Close()
-		log.Info("http listening", "addr", ln.Addr().String())
 	}
 	if err := p.Run(ctx); err != nil {
 		log.Error("cdc publisher failed", "err", err)
@@ -202,73 +185,21 @@ func exitCode(err error) int {
 	}
 }
 
-func newLogger(w io.Writer, level string) *slog.Logger {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		l = slog.LevelInfo
-	}
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l})).With("component", "cdc-publisher")
-}
-
 // parseFlags reads flags whose defaults come from the environment.
 func parseFlags(cmd string, args []string, getenv func(string) string, stderr io.Writer) (settings, error) {
 	var s settings
 	fs := flag.NewFlagSet("cdc-publisher "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	var errs []error
-	str := func(p *string, name, env, def, usage string) {
-		if v := getenv(env); v != "" {
-			def = v
-		}
-		fs.StringVar(p, name, def, usage+" ($"+env+")")
-	}
-	boolean := func(p *bool, name, env string, def bool, usage string) {
-		if v := getenv(env); v != "" {
-			b, err := strconv.ParseBool(v)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("$%s: %q is not a boolean", env, v))
-			}
-			def = b
-		}
-		fs.BoolVar(p, name, def, usage+" ($"+env+")")
-	}
-	integer := func(p *int, name, env string, def int, usage string) {
-		if v := getenv(env); v != "" {
-			n, err := strconv.Atoi(v)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("$%s: %q is not an integer", env, v))
-			}
-			def = n
-		}
-		fs.IntVar(p, name, def, usage+" ($"+env+")")
-	}
-	duration := func(p *time.Duration, name, env string, def time.Duration, usage string) {
-		if v := getenv(env); v != "" {
-			d, err := time.ParseDuration(v)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("$%s: %q is not a duration", env, v))
-			}
-			def = d
-		}
-		fs.DurationVar(p, name, def, usage+" ($"+env+")")
-	}
-	var urlFlag, brokers string
-	envURL := getenv("CHANGEFEED_POSTGRES_URL")
-	fs.StringVar(&urlFlag, "postgres-url", "", "PostgreSQL URL without a password (put the password in $CHANGEFEED_POSTGRES_URL, $PGPASSWORD or ~/.pgpass); default $CHANGEFEED_POSTGRES_URL")
+	ef := cmdutil.NewEnvFlags(fs, getenv)
+	str, boolean, integer, duration := ef.String, ef.Bool, ef.Int, ef.Duration
+	postgresURL := cmdutil.BindPostgresURL(ef, cdc.URLHasPassword)
 	str(&s.logLevel, "log-level", "CHANGEFEED_LOG_LEVEL", "info", "debug, info, warn or error")
+	var kafka *cmdutil.KafkaFlags
 	if cmd == "run" {
-		str(&brokers, "kafka-brokers", "CHANGEFEED_KAFKA_BROKERS", "", "comma-separated Kafka seed brokers host:port")
-		boolean(&s.embeddedKafka, "embedded-kafka", "CHANGEFEED_EMBEDDED_KAFKA", false, "run an in-memory Kafka (kfake) in the process instead of --kafka-brokers: demos only")
-		str(&s.kafka.ClientID, "kafka-client-id", "CHANGEFEED_KAFKA_CLIENT_ID", "changefeed-cdc-publisher", "Kafka client id")
-		str(&s.kafka.SASLMechanism, "kafka-sasl-mechanism", "CHANGEFEED_KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; password from $CHANGEFEED_KAFKA_SASL_PASSWORD")
-		str(&s.kafka.SASLUser, "kafka-sasl-user", "CHANGEFEED_KAFKA_SASL_USER", "", "SASL user")
-		boolean(&s.kafka.TLS, "kafka-tls", "CHANGEFEED_KAFKA_TLS", false, "connect to Kafka with TLS")
-		str(&s.kafka.CAFile, "kafka-tls-ca-file", "CHANGEFEED_KAFKA_TLS_CA_FILE", "", "PEM CA bundle added to the system pool")
-		str(&s.kafka.CertFile, "kafka-tls-cert-file", "CHANGEFEED_KAFKA_TLS_CERT_FILE", "", "client certificate (mutual TLS)")
-		str(&s.kafka.KeyFile, "kafka-tls-key-file", "CHANGEFEED_KAFKA_TLS_KEY_FILE", "", "client key (mutual TLS)")
-		boolean(&s.kafka.InsecureSkipVerify, "kafka-tls-insecure-skip-verify", "CHANGEFEED_KAFKA_TLS_INSECURE_SKIP_VERIFY", false, "do not verify the brokers' certificates (test clusters only)")
-		integer(&s.partitions, "kafka-partitions", "CHANGEFEED_KAFKA_PARTITIONS", 3, "partitions of topics the publisher creates")
-		integer(&s.replication, "kafka-replication-factor", "CHANGEFEED_KAFKA_REPLICATION_FACTOR", -1, "replication factor of created topics (-1: broker default)")
+		kafka = cmdutil.BindKafka(ef, &s.kafka)
+		kafka.BindEmbedded(&s.embeddedKafka)
+		kafka.BindClientID("changefeed-cdc-publisher")
+		kafka.BindTopics(&s.partitions, &s.replication, "the publisher")
 		str(&s.slot, "slot", "CHANGEFEED_SLOT", "changefeed", "replication slot name")
 		str(&s.publication, "publication", "CHANGEFEED_PUBLICATION", "changefeed", "publication name")
 		str(&s.routingFile, "routing-file", "CHANGEFEED_ROUTING_FILE", "", "routing YAML (tables → stubs)")
@@ -292,28 +223,16 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	if fs.NArg() > 0 {
 		return s, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	if err := errors.Join(errs...); err != nil {
+	if err := ef.Err(); err != nil {
 		return s, err
 	}
-	if urlFlag != "" && cdc.URLHasPassword(urlFlag) {
-		return s, errors.New("--postgres-url carries a password, which would show in the process list: put it in $CHANGEFEED_POSTGRES_URL, $PGPASSWORD or ~/.pgpass")
-	}
-	s.postgresURL = envURL
-	if urlFlag != "" {
-		s.postgresURL = urlFlag
-	}
-	if s.postgresURL == "" {
-		return s, errors.New("no PostgreSQL URL: set $CHANGEFEED_POSTGRES_URL or --postgres-url")
+	var err error
+	if s.postgresURL, err = postgresURL(); err != nil {
+		return s, err
 	}
 	if cmd == "run" {
-		s.kafka.SASLPassword = getenv("CHANGEFEED_KAFKA_SASL_PASSWORD")
-		for _, b := range strings.Split(brokers, ",") {
-			if b = strings.TrimSpace(b); b != "" {
-				s.kafka.Brokers = append(s.kafka.Brokers, b)
-			}
-		}
-		if len(s.kafka.Brokers) == 0 && !s.embeddedKafka {
-			return s, errors.New("no Kafka brokers: set $CHANGEFEED_KAFKA_BROKERS, --kafka-brokers or --embedded-kafka")
+		if err := kafka.Finish(); err != nil {
+			return s, err
 		}
 		if s.maxInFlight <= 0 {
 			return s, errors.New("--max-in-flight must be positive")

@@ -24,21 +24,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/changefeed/changefeed/couchsource"
+	"github.com/changefeed/changefeed/internal/cmdutil"
 	"github.com/changefeed/changefeed/kafkaconn"
 	"github.com/changefeed/changefeed/migrations"
 	"github.com/changefeed/changefeed/publish"
@@ -63,10 +58,7 @@ type settings struct {
 }
 
 func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	cmd := "run"
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		cmd, args = args[0], args[1:]
-	}
+	cmd, args := cmdutil.Subcommand(args, "run")
 	s, err := parseFlags(cmd, args, getenv, stderr)
 	masker := couchsource.NewMasker(couchsource.CouchPassword(s.couch.URL), urlPassword(s.postgresURL), s.kafka.SASLPassword)
 	if errors.Is(err, flag.ErrHelp) {
@@ -76,18 +68,15 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		fmt.Fprintf(stderr, "couch-follower: %s\n", masker.String(err.Error()))
 		return 2
 	}
-	log := newLogger(stderr, s.logLevel, masker)
+	log := cmdutil.NewLogger(stderr, s.logLevel, "couch-follower", func(h slog.Handler) slog.Handler {
+		return couchsource.NewMaskingHandler(h, masker)
+	})
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
 	switch cmd {
 	case "migrate":
-		if err := migrations.Up(ctx, s.postgresURL, log); err != nil {
-			log.Error("migrate failed", "err", err)
-			return 1
-		}
-		log.Info("migrations applied")
-		return 0
+		return cmdutil.Migrate(ctx, s.postgresURL, log)
 	case "run":
 		return serve(ctx, s, log, stdout)
 	default:
@@ -128,8 +117,7 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		s.kafka.Brokers = cluster.ListenAddrs()
 		log.Warn("using an embedded in-memory Kafka (kfake): for demos only, nothing survives the process", "brokers", s.kafka.Brokers)
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := cmdutil.NewRegistry()
 	prod, err := publish.New(s.kafka, publish.Options{
 		Partitions:        int32(s.partitions),
 		ReplicationFactor: int16(s.replication),
@@ -146,15 +134,12 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		return 2
 	}
 	if s.httpAddr != "" {
-		ln, err := net.Listen("tcp", s.httpAddr)
+		srv, err := cmdutil.ServeHTTP(s.httpAddr, f.Handler(reg), log)
 		if err != nil {
 			log.Error("http listen", "addr", s.httpAddr, "err", err)
 			return 2
 		}
-		srv := &http.Server{Handler: f.Handler(reg), ReadHeaderTimeout: 5 * time.Second}
-		go func() { _ = srv.Serve(ln) }()
 		defer srv.Close()
-		log.Info("http listening", "addr", ln.Addr().String())
 	}
 	for {
 		// Topics are created before the first stub; Kafka may still be
@@ -192,15 +177,6 @@ func exitCode(err error) int {
 	}
 }
 
-func newLogger(w io.Writer, level string, m *couchsource.Masker) *slog.Logger {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		l = slog.LevelInfo
-	}
-	h := couchsource.NewMaskingHandler(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l}), m)
-	return slog.New(h).With("component", "couch-follower")
-}
-
 // urlPassword returns the password of a URL, or "" (also for a malformed
 // URL or a keyword/value DSN, whose password the masker cannot single out;
 // its URL-shaped credentials are still masked).
@@ -218,47 +194,13 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	var s settings
 	fs := flag.NewFlagSet("couch-follower "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	var errs []error
-	str := func(p *string, name, env, def, usage string) {
-		if v := getenv(env); v != "" {
-			def = v
-		}
-		fs.StringVar(p, name, def, usage+" ($"+env+")")
-	}
-	boolean := func(p *bool, name, env string, def bool, usage string) {
-		if v := getenv(env); v != "" {
-			b, err := strconv.ParseBool(v)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("$%s: %q is not a boolean", env, v))
-			}
-			def = b
-		}
-		fs.BoolVar(p, name, def, usage+" ($"+env+")")
-	}
-	integer := func(p *int, name, env string, def int, usage string) {
-		if v := getenv(env); v != "" {
-			n, err := strconv.Atoi(v)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("$%s: %q is not an integer", env, v))
-			}
-			def = n
-		}
-		fs.IntVar(p, name, def, usage+" ($"+env+")")
-	}
-	duration := func(p *time.Duration, name, env string, def time.Duration, usage string) {
-		if v := getenv(env); v != "" {
-			d, err := time.ParseDuration(v)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("$%s: %q is not a duration", env, v))
-			}
-			def = d
-		}
-		fs.DurationVar(p, name, def, usage+" ($"+env+")")
-	}
-	var pgFlag, couchFlag, brokers, databases, feed string
+	ef := cmdutil.NewEnvFlags(fs, getenv)
+	str, boolean, integer, duration := ef.String, ef.Bool, ef.Int, ef.Duration
+	var couchFlag, databases, feed string
 	c := &s.couch
-	fs.StringVar(&pgFlag, "postgres-url", "", "PostgreSQL URL without a password (put the password in $CHANGEFEED_POSTGRES_URL, $PGPASSWORD or ~/.pgpass); default $CHANGEFEED_POSTGRES_URL")
+	postgresURL := cmdutil.BindPostgresURL(ef, func(u string) bool { return urlPassword(u) != "" })
 	str(&s.logLevel, "log-level", "CHANGEFEED_LOG_LEVEL", "info", "debug, info, warn or error")
+	var kafka *cmdutil.KafkaFlags
 	if cmd == "run" {
 		fs.StringVar(&couchFlag, "couch-url", "", "CouchDB URL without a password (put user:password in $CHANGEFEED_COUCH_URL); default $CHANGEFEED_COUCH_URL")
 		str(&databases, "databases", "CHANGEFEED_COUCH_DATABASES", "", "comma-separated databases to follow")
@@ -273,18 +215,10 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 		duration(&c.BackoffMax, "backoff-max", "CHANGEFEED_COUCH_BACKOFF_MAX", 30*time.Second, "longest wait between reconnect attempts")
 		duration(&c.ProgressInterval, "progress-interval", "CHANGEFEED_COUCH_PROGRESS_INTERVAL", 5*time.Second, "progress log period of an initial load from seq 0")
 		duration(&c.ShutdownTimeout, "shutdown-timeout", "CHANGEFEED_SHUTDOWN_TIMEOUT", 15*time.Second, "how long to flush on SIGTERM")
-		str(&brokers, "kafka-brokers", "CHANGEFEED_KAFKA_BROKERS", "", "comma-separated Kafka seed brokers host:port")
-		boolean(&s.embeddedKafka, "embedded-kafka", "CHANGEFEED_EMBEDDED_KAFKA", false, "run an in-memory Kafka (kfake) in the process instead of --kafka-brokers: demos only")
-		str(&s.kafka.ClientID, "kafka-client-id", "CHANGEFEED_KAFKA_CLIENT_ID", "changefeed-couch-follower", "Kafka client id")
-		str(&s.kafka.SASLMechanism, "kafka-sasl-mechanism", "CHANGEFEED_KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; password from $CHANGEFEED_KAFKA_SASL_PASSWORD")
-		str(&s.kafka.SASLUser, "kafka-sasl-user", "CHANGEFEED_KAFKA_SASL_USER", "", "SASL user")
-		boolean(&s.kafka.TLS, "kafka-tls", "CHANGEFEED_KAFKA_TLS", false, "connect to Kafka with TLS")
-		str(&s.kafka.CAFile, "kafka-tls-ca-file", "CHANGEFEED_KAFKA_TLS_CA_FILE", "", "PEM CA bundle added to the system pool")
-		str(&s.kafka.CertFile, "kafka-tls-cert-file", "CHANGEFEED_KAFKA_TLS_CERT_FILE", "", "client certificate (mutual TLS)")
-		str(&s.kafka.KeyFile, "kafka-tls-key-file", "CHANGEFEED_KAFKA_TLS_KEY_FILE", "", "client key (mutual TLS)")
-		boolean(&s.kafka.InsecureSkipVerify, "kafka-tls-insecure-skip-verify", "CHANGEFEED_KAFKA_TLS_INSECURE_SKIP_VERIFY", false, "do not verify the brokers' certificates (test clusters only)")
-		integer(&s.partitions, "kafka-partitions", "CHANGEFEED_KAFKA_PARTITIONS", 3, "partitions of topics the follower creates")
-		integer(&s.replication, "kafka-replication-factor", "CHANGEFEED_KAFKA_REPLICATION_FACTOR", -1, "replication factor of created topics (-1: broker default)")
+		kafka = cmdutil.BindKafka(ef, &s.kafka)
+		kafka.BindEmbedded(&s.embeddedKafka)
+		kafka.BindClientID("changefeed-couch-follower")
+		kafka.BindTopics(&s.partitions, &s.replication, "the follower")
 		str(&s.httpAddr, "http-addr", "CHANGEFEED_HTTP_ADDR", ":8081", "address of /metrics, /healthz, /readyz (empty: off)")
 		boolean(&s.noMigrate, "no-migrate", "CHANGEFEED_NO_MIGRATE", false, "do not apply migrations at start")
 		boolean(&s.printStubs, "print-stubs", "CHANGEFEED_PRINT_STUBS", false, "also print every acknowledged stub as a JSON line on stdout")
@@ -295,18 +229,12 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	if fs.NArg() > 0 {
 		return s, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	if err := errors.Join(errs...); err != nil {
+	if err := ef.Err(); err != nil {
 		return s, err
 	}
-	if pgFlag != "" && urlPassword(pgFlag) != "" {
-		return s, errors.New("--postgres-url carries a password, which would show in the process list: put it in $CHANGEFEED_POSTGRES_URL, $PGPASSWORD or ~/.pgpass")
-	}
-	s.postgresURL = getenv("CHANGEFEED_POSTGRES_URL")
-	if pgFlag != "" {
-		s.postgresURL = pgFlag
-	}
-	if s.postgresURL == "" {
-		return s, errors.New("no PostgreSQL URL: set $CHANGEFEED_POSTGRES_URL or --postgres-url")
+	var err error
+	if s.postgresURL, err = postgresURL(); err != nil {
+		return s, err
 	}
 	if cmd != "run" {
 		return s, nil
@@ -321,23 +249,13 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	if c.URL == "" {
 		return s, errors.New("no CouchDB URL: set $CHANGEFEED_COUCH_URL or --couch-url")
 	}
-	for _, db := range strings.Split(databases, ",") {
-		if db = strings.TrimSpace(db); db != "" {
-			c.Databases = append(c.Databases, db)
-		}
-	}
+	c.Databases = cmdutil.SplitList(databases)
 	if len(c.Databases) == 0 {
 		return s, errors.New("no database to follow: set $CHANGEFEED_COUCH_DATABASES or --databases")
 	}
 	c.Feed = couchsource.FeedMode(feed)
-	s.kafka.SASLPassword = getenv("CHANGEFEED_KAFKA_SASL_PASSWORD")
-	for _, b := range strings.Split(brokers, ",") {
-		if b = strings.TrimSpace(b); b != "" {
-			s.kafka.Brokers = append(s.kafka.Brokers, b)
-		}
-	}
-	if len(s.kafka.Brokers) == 0 && !s.embeddedKafka {
-		return s, errors.New("no Kafka brokers: set $CHANGEFEED_KAFKA_BROKERS, --kafka-brokers or --embedded-kafka")
+	if err := kafka.Finish(); err != nil {
+		return s, err
 	}
 	return s, nil
 }

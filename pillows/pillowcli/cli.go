@@ -26,7 +26,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -36,11 +35,11 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/changefeed/changefeed/internal/cmdutil"
 	"github.com/changefeed/changefeed/kafkaconn"
 	"github.com/changefeed/changefeed/migrations"
 	"github.com/changefeed/changefeed/pillows"
@@ -60,67 +59,42 @@ const (
 // settings shared by the subcommands.
 type settings struct {
 	file        string
-	brokersRaw  string
 	kafka       kafkaconn.Config
+	kafkaFlags  *cmdutil.KafkaFlags
 	postgresURL string
 	httpAddr    string
 	logLevel    string
 	commitEvery time.Duration
-}
-
-func envBool(getenv func(string) string, k string) bool {
-	b, _ := strconv.ParseBool(getenv(k))
-	return b
-}
-
-func splitList(s string) []string {
-	var out []string
-	for _, p := range strings.Split(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return out
+	getenv      func(string) string
 }
 
 // bind registers the shared flags with defaults from the environment.
+//
+// Unlike the other commands, pillow has always read a boolean variable it
+// cannot parse (CHANGEFEED_KAFKA_TLS=yes) as false instead of refusing it, so
+// the EnvFlags' errors are not checked.
 func (s *settings) bind(fs *flag.FlagSet, getenv func(string) string) {
-	fs.StringVar(&s.file, "file", getenv("CHANGEFEED_PILLOWS_FILE"), "pillow definitions (YAML) [$CHANGEFEED_PILLOWS_FILE]")
-	fs.StringVar(&s.brokersRaw, "kafka-brokers", getenv("CHANGEFEED_KAFKA_BROKERS"), "Kafka seed brokers, comma-separated [$CHANGEFEED_KAFKA_BROKERS]")
-	s.kafka = kafkaconn.Config{
-		TLS:                envBool(getenv, "CHANGEFEED_KAFKA_TLS"),
-		CAFile:             getenv("CHANGEFEED_KAFKA_TLS_CA_FILE"),
-		CertFile:           getenv("CHANGEFEED_KAFKA_TLS_CERT_FILE"),
-		KeyFile:            getenv("CHANGEFEED_KAFKA_TLS_KEY_FILE"),
-		InsecureSkipVerify: envBool(getenv, "CHANGEFEED_KAFKA_TLS_INSECURE_SKIP_VERIFY"),
-		SASLMechanism:      getenv("CHANGEFEED_KAFKA_SASL_MECHANISM"),
-		SASLUser:           getenv("CHANGEFEED_KAFKA_SASL_USER"),
-		// The password only comes from the environment: never argv.
-		SASLPassword: getenv("CHANGEFEED_KAFKA_SASL_PASSWORD"),
-	}
-	fs.BoolVar(&s.kafka.TLS, "kafka-tls", s.kafka.TLS, "TLS to Kafka [$CHANGEFEED_KAFKA_TLS]")
-	fs.StringVar(&s.kafka.CAFile, "kafka-tls-ca-file", s.kafka.CAFile, "PEM CA bundle added to the system pool [$CHANGEFEED_KAFKA_TLS_CA_FILE]")
-	fs.StringVar(&s.kafka.CertFile, "kafka-tls-cert-file", s.kafka.CertFile, "client certificate (mutual TLS) [$CHANGEFEED_KAFKA_TLS_CERT_FILE]")
-	fs.StringVar(&s.kafka.KeyFile, "kafka-tls-key-file", s.kafka.KeyFile, "client key (mutual TLS) [$CHANGEFEED_KAFKA_TLS_KEY_FILE]")
-	fs.BoolVar(&s.kafka.InsecureSkipVerify, "kafka-tls-insecure-skip-verify", s.kafka.InsecureSkipVerify, "do not verify the brokers' certificates (test clusters only) [$CHANGEFEED_KAFKA_TLS_INSECURE_SKIP_VERIFY]")
-	fs.StringVar(&s.kafka.SASLMechanism, "kafka-sasl-mechanism", s.kafka.SASLMechanism, "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; password from $CHANGEFEED_KAFKA_SASL_PASSWORD [$CHANGEFEED_KAFKA_SASL_MECHANISM]")
-	fs.StringVar(&s.kafka.SASLUser, "kafka-sasl-user", s.kafka.SASLUser, "SASL user [$CHANGEFEED_KAFKA_SASL_USER]")
-	fs.StringVar(&s.postgresURL, "postgres-url", getenv("CHANGEFEED_POSTGRES_URL"), "database of the errors table (and default of postgres sinks) [$CHANGEFEED_POSTGRES_URL]")
-	addr := getenv("CHANGEFEED_HTTP_ADDR")
-	if addr == "" {
-		addr = "127.0.0.1:9108"
-	}
-	fs.StringVar(&s.httpAddr, "http-addr", addr, "address of /metrics, /healthz, /readyz; empty disables [$CHANGEFEED_HTTP_ADDR]")
-	lvl := getenv("CHANGEFEED_LOG_LEVEL")
-	if lvl == "" {
-		lvl = "info"
-	}
-	fs.StringVar(&s.logLevel, "log-level", lvl, "debug, info, warn, error [$CHANGEFEED_LOG_LEVEL]")
+	ef := cmdutil.NewEnvFlags(fs, getenv)
+	ef.String(&s.file, "file", "CHANGEFEED_PILLOWS_FILE", "", "pillow definitions (YAML)")
+	s.kafkaFlags = cmdutil.BindKafka(ef, &s.kafka)
+	// The URL may carry a password: its default is read after parsing, so
+	// that -h never prints it.
+	fs.StringVar(&s.postgresURL, "postgres-url", "", "database of the errors table (and default of postgres sinks); default $CHANGEFEED_POSTGRES_URL")
+	s.getenv = getenv
+	ef.String(&s.httpAddr, "http-addr", "CHANGEFEED_HTTP_ADDR", "127.0.0.1:9108", "address of /metrics, /healthz, /readyz; empty disables")
+	ef.String(&s.logLevel, "log-level", "CHANGEFEED_LOG_LEVEL", "info", "debug, info, warn, error")
 	fs.DurationVar(&s.commitEvery, "commit-interval", 5*time.Second, "how often marked offsets are committed besides revoke and shutdown")
 }
 
-// finish completes the settings after flag parsing.
-func (s *settings) finish() { s.kafka.Brokers = splitList(s.brokersRaw) }
+// finish completes the settings after flag parsing: brokers and the SASL
+// password (from the environment only, never argv). Checking for brokers is
+// left to each command.
+func (s *settings) finish() {
+	_ = s.kafkaFlags.Finish()
+	if s.postgresURL == "" {
+		s.postgresURL = s.getenv("CHANGEFEED_POSTGRES_URL")
+	}
+}
 
 // Main runs the command and returns the exit code.
 func Main(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer, reg pillowconf.Registry) int {
@@ -156,14 +130,6 @@ func usage(w io.Writer) {
   pillow checkpoints merge A B ... --into C
 Run "pillow COMMAND -h" for the settings.
 `)
-}
-
-func newLogger(w io.Writer, level string) (*slog.Logger, error) {
-	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("log level %q: %w", level, err)
-	}
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: lv})), nil
 }
 
 func loadFile(s *settings, getenv func(string) string) (*pillowconf.File, error) {
@@ -240,11 +206,11 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		fmt.Fprintln(stderr, "pillow run: give either --all or --pillow NAME")
 		return ExitUsage
 	}
-	log, err := newLogger(stderr, s.logLevel)
-	if err != nil {
-		fmt.Fprintln(stderr, "pillow:", err)
+	if _, err := cmdutil.ParseLevel(s.logLevel); err != nil {
+		fmt.Fprintln(stderr, "pillow:", fmt.Errorf("log level %q: %w", s.logLevel, err))
 		return ExitUsage
 	}
+	log := cmdutil.NewLogger(stderr, s.logLevel, "", nil)
 	if err := run(ctx, &s, getenv, names, *shutdown, *session, log, reg); err != nil {
 		log.Error("pillow stopped with an error", "err", err)
 		if errors.Is(err, pillows.ErrCheckpointGone) {
@@ -281,8 +247,7 @@ func run(ctx context.Context, s *settings, getenv func(string) string, names []s
 	}
 	defer built.Close()
 
-	registry := prometheus.NewRegistry()
-	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	registry := cmdutil.NewRegistry()
 	metrics, err := pillows.NewMetrics(registry)
 	if err != nil {
 		return err
@@ -337,17 +302,10 @@ func serveHTTP(addr string, reg *prometheus.Registry, runner *pillows.Runner, lo
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	ln, err := net.Listen("tcp", addr)
+	srv, err := cmdutil.ServeHTTP(addr, mux, log)
 	if err != nil {
 		return nil, fmt.Errorf("http listen %s: %w", addr, err)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("http server", "err", err)
-		}
-	}()
-	log.Info("http listening", "addr", ln.Addr().String())
 	return srv, nil
 }
 

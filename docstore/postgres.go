@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/changefeed/changefeed/doc"
@@ -48,9 +50,78 @@ type pgTable struct {
 	cfg   PostgresTable
 	ident string // the table, quoted
 
-	mu    sync.Mutex
-	query string // built on first use, once the id column's type is known
+	mu   sync.Mutex
+	plan *pgPlan // built on first use; rebuilt when the table's columns change
 }
+
+// pgPlan is how a table's documents are read: the query, and how each of
+// its body columns turns into a body value.
+type pgPlan struct {
+	query string
+	relid uint32 // the table's oid
+	sig   string // its columns, in sigExpr's form, when the query was built
+	cols  []pgCol
+}
+
+// pgCol is one column of the table, a field of the body.
+type pgCol struct {
+	name string
+	kind colKind
+}
+
+// colKind says how a column is read. The body must be what to_jsonb(row)
+// gives (a JSON object of to_jsonb of each column), decoded with
+// json.Number: the common column types are sent as their text form and
+// turned into that value in Go, which is far cheaper for PostgreSQL and for
+// the pillow than building, printing and parsing jsonb; every other type is
+// sent as to_jsonb(column) and decoded, so its JSON form is PostgreSQL's
+// own.
+type colKind uint8
+
+const (
+	// kindString: text, varchar and uuid, whose to_jsonb is a JSON string
+	// of their text form.
+	kindString colKind = iota
+	// kindInteger: smallint, integer, bigint, a JSON number of their text
+	// form.
+	kindInteger
+	// kindNumeric: a JSON number of its text form, except NaN and
+	// ±Infinity, which to_jsonb makes strings.
+	kindNumeric
+	// kindBool: a JSON boolean.
+	kindBool
+	// kindJSONB: jsonb, whose to_jsonb is itself: sent as its text and
+	// decoded.
+	kindJSONB
+	// kindJSON: anything else, sent as to_jsonb(column) and decoded.
+	kindJSON
+)
+
+// kindOf maps the built-in types read natively (by oid: a domain over one
+// of them has its own oid and goes through to_jsonb, as do arrays,
+// floating point, dates and times, json, composite, bpchar and enums).
+func kindOf(typ uint32) colKind {
+	switch typ {
+	case 25, 1043, 2950: // text, varchar, uuid
+		return kindString
+	case 20, 21, 23: // int8, int2, int4
+		return kindInteger
+	case 1700: // numeric
+		return kindNumeric
+	case 16: // bool
+		return kindBool
+	case 3802: // jsonb
+		return kindJSONB
+	}
+	return kindJSON
+}
+
+// sigExpr is a signature of a table's columns (names, types, order), over
+// pg_attribute rows aliased a. The fetch query compares it with the one
+// seen when the query was built, so that a column added, dropped, renamed
+// or retyped since rebuilds the query: bodies always hold the columns the
+// row has, as to_jsonb(row) would.
+const sigExpr = `coalesce(string_agg(octet_length(a.attname::text)::text || ':' || a.attname::text || ':' || a.atttypid::text, ',' ORDER BY a.attnum), '')`
 
 // NewPostgres returns a store reading tables through pool. It checks the
 // configuration only; tables are looked up on first use, so a store can be
@@ -104,7 +175,8 @@ type pgWant struct {
 }
 
 type pgRow struct {
-	body        []byte
+	body        map[string]any
+	bodyErr     error // the body could not be decoded
 	typ, domain *string
 	softDeleted bool
 }
@@ -194,12 +266,11 @@ func (s *Postgres) Fetch(ctx context.Context, stubs []*stub.Stub) ([]*doc.Docume
 				d.Deleted = true
 				break
 			}
-			body, err := decodeBody(r.body)
-			if err != nil {
-				failed[w] = fmt.Errorf("docstore: postgres: %s: %w", s.tables[w.source].cfg.Table, err)
+			if r.bodyErr != nil {
+				failed[w] = fmt.Errorf("docstore: postgres: %s: %w", s.tables[w.source].cfg.Table, r.bodyErr)
 				continue
 			}
-			d.Body = body
+			d.Body = r.body
 		}
 		docs = append(docs, d)
 	}
@@ -215,30 +286,75 @@ func (s *Postgres) Fetch(ctx context.Context, stubs []*stub.Stub) ([]*doc.Docume
 
 // fetch reads the rows of ids, keyed by the index in ids.
 func (t *pgTable) fetch(ctx context.Context, pool *pgxpool.Pool, ids []string) (map[int]*pgRow, error) {
-	q, err := t.prepare(ctx, pool)
-	if err != nil {
-		return nil, err
-	}
-	rows, err := pool.Query(ctx, q, ids)
-	if err != nil {
-		return nil, t.wrap(err)
-	}
-	out := make(map[int]*pgRow, len(ids))
-	for rows.Next() {
-		var ord int64
-		r := &pgRow{}
-		if err := rows.Scan(&ord, &r.body, &r.typ, &r.domain, &r.softDeleted); err != nil {
-			rows.Close()
+	for attempt := 1; ; attempt++ {
+		p, err := t.prepare(ctx, pool)
+		if err != nil {
+			return nil, err
+		}
+		out, current, err := t.read(ctx, pool, p, ids)
+		if err == nil && current {
+			return out, nil
+		}
+		if pgDataError(err) {
+			return nil, t.wrap(err) // an id's fault, not the query's
+		}
+		// The table changed since the query was built (columns added,
+		// dropped, renamed or retyped), or the query failed for another
+		// reason: build it again, from the table as it is now.
+		t.invalidate(p)
+		var pe *pgconn.PgError
+		schemaErr := errors.As(err, &pe) && (strings.HasPrefix(pe.Code, "42") || strings.HasPrefix(pe.Code, "0A"))
+		switch {
+		case err != nil && !schemaErr:
 			return nil, t.wrap(err)
+		case attempt == 3 && err != nil:
+			return nil, t.wrap(err)
+		case attempt == 3:
+			return nil, transient("docstore: postgres", fmt.Errorf("table %s: its columns keep changing", t.cfg.Table))
 		}
-		if i := int(ord) - 1; i >= 0 && i < len(ids) && out[i] == nil {
-			out[i] = r // a non-unique id column: the first row wins
+	}
+}
+
+// read runs p's query. current is false when the table's columns are no
+// longer those p was built for (the rows are then to be discarded).
+func (t *pgTable) read(ctx context.Context, pool *pgxpool.Pool, p *pgPlan, ids []string) (out map[int]*pgRow, current bool, err error) {
+	rows, err := pool.Query(ctx, p.query, ids, p.relid, p.sig)
+	if err != nil {
+		return nil, false, err
+	}
+	defer rows.Close()
+	out = make(map[int]*pgRow, len(ids))
+	const fixed = 5 // ord, type, domain, deleted, current
+	var (
+		ord         int64
+		typ, domain *string
+		softDeleted bool
+	)
+	current = true
+	dest := make([]any, fixed+len(p.cols))
+	dest[0], dest[1], dest[2], dest[3], dest[4] = &ord, &typ, &domain, &softDeleted, &current
+	for rows.Next() {
+		typ, domain = nil, nil
+		if err := rows.Scan(dest...); err != nil {
+			return nil, false, err
 		}
+		if !current {
+			return nil, false, nil
+		}
+		i := int(ord) - 1
+		if i < 0 || i >= len(ids) || out[i] != nil {
+			continue // a non-unique id column: the first row wins
+		}
+		r := &pgRow{typ: typ, domain: domain, softDeleted: softDeleted}
+		if !softDeleted {
+			r.body, r.bodyErr = decodeRow(p.cols, rows.RawValues()[fixed:])
+		}
+		out[i] = r
 	}
 	if err := rows.Err(); err != nil {
-		return nil, t.wrap(err)
+		return nil, false, err
 	}
-	return out, nil
+	return out, current, nil
 }
 
 // fetchEach is fetch one document at a time, recording those whose id
@@ -266,44 +382,68 @@ func (t *pgTable) wrap(err error) error {
 	return transient("docstore: postgres: "+t.cfg.Table, err)
 }
 
-// prepare builds the table's query once the id column's type is known.
-func (t *pgTable) prepare(ctx context.Context, pool *pgxpool.Pool) (string, error) {
+// invalidate drops p, if it is still the table's plan, so that the next
+// fetch builds the query again.
+func (t *pgTable) invalidate(p *pgPlan) {
+	t.mu.Lock()
+	if t.plan == p {
+		t.plan = nil
+	}
+	t.mu.Unlock()
+}
+
+// prepare builds the table's query once its columns are known.
+func (t *pgTable) prepare(ctx context.Context, pool *pgxpool.Pool) (*pgPlan, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.query != "" {
-		return t.query, nil
+	if t.plan != nil {
+		return t.plan, nil
 	}
 	c := t.cfg
-	cols := []string{c.IDColumn}
-	for _, n := range []string{c.TypeColumn, c.DomainColumn, c.DeletedColumn} {
-		if n != "" {
-			cols = append(cols, n)
-		}
-	}
+	// One statement, so that the columns and their signature agree.
 	rows, err := pool.Query(ctx, `
-		SELECT a.attname, format_type(a.atttypid, NULL)
-		FROM pg_attribute a
-		WHERE a.attrelid = to_regclass($1) AND a.attname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped`,
-		t.ident, cols)
+		WITH a AS (
+			SELECT a.attrelid, a.attnum, a.attname, a.atttypid
+			FROM pg_attribute a
+			WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped)
+		SELECT a.attrelid::oid, a.attname::text, a.atttypid::oid, format_type(a.atttypid, NULL),
+			(SELECT `+sigExpr+` FROM a)
+		FROM a ORDER BY a.attnum`,
+		t.ident)
 	if err != nil {
-		return "", transient("docstore: postgres: look up "+c.Table, err)
+		return nil, transient("docstore: postgres: look up "+c.Table, err)
 	}
-	types, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) ([2]string, error) {
-		var nt [2]string
-		err := r.Scan(&nt[0], &nt[1])
-		return nt, err
+	type column struct {
+		relid, typ          uint32
+		name, typeName, sig string
+	}
+	cols, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (column, error) {
+		var c column
+		err := r.Scan(&c.relid, &c.name, &c.typ, &c.typeName, &c.sig)
+		return c, err
 	})
 	if err != nil {
-		return "", transient("docstore: postgres: look up "+c.Table, err)
+		return nil, transient("docstore: postgres: look up "+c.Table, err)
 	}
+	p := &pgPlan{}
 	typeOf := map[string]string{}
-	for _, nt := range types {
-		typeOf[nt[0]] = nt[1]
+	var exprs []string
+	for _, col := range cols {
+		p.relid, p.sig = col.relid, col.sig
+		typeOf[col.name] = col.typeName
+		k := kindOf(col.typ)
+		p.cols = append(p.cols, pgCol{name: col.name, kind: k})
+		ref := "changefeed_row." + pgx.Identifier{col.name}.Sanitize()
+		if k == kindJSON {
+			exprs = append(exprs, "to_jsonb("+ref+")::text")
+		} else {
+			exprs = append(exprs, ref+"::text")
+		}
 	}
-	for _, n := range cols {
-		if typeOf[n] == "" {
+	for _, n := range []string{c.IDColumn, c.TypeColumn, c.DomainColumn, c.DeletedColumn} {
+		if n != "" && typeOf[n] == "" {
 			// Not the documents' fault: the table may yet be created.
-			return "", transient("docstore: postgres", fmt.Errorf("table %s has no column %q (or does not exist)", c.Table, n))
+			return nil, transient("docstore: postgres", fmt.Errorf("table %s has no column %q (or does not exist)", c.Table, n))
 		}
 	}
 	col := func(name, cast, zero string) string {
@@ -318,13 +458,84 @@ func (t *pgTable) prepare(ctx context.Context, pool *pgxpool.Pool) (string, erro
 	}
 	// The join against the numbered ids maps each row back to the exact id
 	// string asked for, whatever the id column's type; the cast of the ids
-	// (not of the column) keeps the column's index usable.
-	t.query = fmt.Sprintf(`SELECT changefeed_key.ord, to_jsonb(changefeed_row), %s, %s, %s
+	// (not of the column) keeps the column's index usable. The subquery
+	// (run once per query) says whether the table still has the columns
+	// the query was built for.
+	p.query = fmt.Sprintf(`SELECT changefeed_key.ord, %s, %s, %s,
+	(SELECT %s FROM pg_attribute a WHERE a.attrelid = $2::oid AND a.attnum > 0 AND NOT a.attisdropped) = $3,
+	%s
 FROM unnest($1::text[]) WITH ORDINALITY AS changefeed_key(id, ord)
 JOIN %s AS changefeed_row ON changefeed_row.%s = changefeed_key.id::%s`,
 		col(c.TypeColumn, "text", "NULL::text"), col(c.DomainColumn, "text", "NULL::text"), deleted,
+		sigExpr, strings.Join(exprs, ",\n\t"),
 		t.ident, pgx.Identifier{c.IDColumn}.Sanitize(), typeOf[c.IDColumn])
-	return t.query, nil
+	t.plan = p
+	return p, nil
+}
+
+// decodeRow builds a body from the text of its columns (nil: NULL), as
+// to_jsonb(row) decoded with json.Number would have it.
+func decodeRow(cols []pgCol, vals [][]byte) (map[string]any, error) {
+	body := make(map[string]any, len(cols))
+	for i, c := range cols {
+		v := vals[i]
+		if v == nil {
+			body[c.name] = nil
+			continue
+		}
+		switch c.kind {
+		case kindString:
+			body[c.name] = jsonString(v)
+		case kindInteger:
+			body[c.name] = json.Number(v)
+		case kindNumeric:
+			if bytes.ContainsAny(v, "Nn") { // NaN, Infinity, -Infinity
+				body[c.name] = string(v)
+			} else {
+				body[c.name] = json.Number(v)
+			}
+		case kindBool:
+			body[c.name] = len(v) > 0 && v[0] == 't'
+		default:
+			x, err := decodeValue(v)
+			if err != nil {
+				return nil, fmt.Errorf("decode body: column %q: %w", c.name, err)
+			}
+			body[c.name] = x
+		}
+	}
+	return body, nil
+}
+
+// jsonString is the string encoding/json decodes from the JSON string
+// to_jsonb makes of text b: b itself, except that each byte that is not
+// valid UTF-8 (a SQL_ASCII database can hold such text) becomes U+FFFD.
+func jsonString(b []byte) string {
+	if utf8.Valid(b) {
+		return string(b)
+	}
+	var sb strings.Builder
+	for len(b) > 0 {
+		r, n := utf8.DecodeRune(b)
+		if r == utf8.RuneError && n == 1 {
+			sb.WriteRune(utf8.RuneError)
+		} else {
+			sb.Write(b[:n])
+		}
+		b = b[n:]
+	}
+	return sb.String()
+}
+
+// decodeValue decodes one JSON value keeping numbers exact.
+func decodeValue(b []byte) (any, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, err
+	}
+	return v, nil
 }
 
 // decodeBody decodes a JSON object keeping numbers exact.

@@ -202,8 +202,8 @@ func (w *worker) process(recs []*kgo.Record) bool {
 
 	// Decode, filter, collapse to the highest version per document, and
 	// skip what this partition already processed.
-	latest := map[docKey]*stub.Stub{}
-	var order []docKey
+	stubs := make([]*stub.Stub, 0, len(recs)) // one per document, in order of first appearance
+	index := make(map[docKey]int, len(recs))  // where each document is in stubs
 	var lastPublished time.Time
 	dups := 0
 	for _, r := range recs {
@@ -225,22 +225,18 @@ func (w *worker) process(recs []*kgo.Record) bool {
 			continue
 		}
 		k := keyOf(s)
-		if old, ok := latest[k]; ok {
+		if i, ok := index[k]; ok {
 			dups++
-			if newer(s, old) {
-				latest[k] = s
+			if newer(s, stubs[i]) {
+				stubs[i] = s
 			}
 			continue
 		}
-		latest[k] = s
-		order = append(order, k)
+		index[k] = len(stubs)
+		stubs = append(stubs, s)
 	}
 	if dups > 0 {
 		m.skipped.WithLabelValues(p.Name, "duplicate").Add(float64(dups))
-	}
-	stubs := make([]*stub.Stub, len(order))
-	for i, k := range order {
-		stubs[i] = latest[k]
 	}
 
 	if len(stubs) > 0 {

@@ -114,9 +114,16 @@ func toInteger(v any, bits int) (string, error) {
 	case float32:
 		return toInteger(float64(x), bits)
 	case json.Number:
+		if s, ok := plainInteger(string(x), bits); ok {
+			return s, nil
+		}
 		r = parseDecimal(string(x))
 	case string:
-		r = parseDecimal(strings.TrimSpace(x))
+		t := strings.TrimSpace(x)
+		if s, ok := plainInteger(t, bits); ok {
+			return s, nil
+		}
+		r = parseDecimal(t)
 	default:
 		return "", fmt.Errorf("%T is not an integer", v)
 	}
@@ -132,6 +139,18 @@ func toInteger(v any, bits int) (string, error) {
 		return "", fmt.Errorf("%v is out of range for a %d-bit integer", v, bits)
 	}
 	return strconv.FormatInt(i, 10), nil
+}
+
+// plainInteger is toInteger's fast path for s made of an optional sign and
+// decimal digits that fit in 64 bits: the same result as through big.Rat,
+// without it. ok is false for anything else (fractions, exponents, spaces,
+// overflow, out of range), which takes the general path and its errors.
+func plainInteger(s string, bits int) (string, bool) {
+	i, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || (bits == 32 && (i < math.MinInt32 || i > math.MaxInt32)) {
+		return "", false
+	}
+	return strconv.FormatInt(i, 10), true
 }
 
 // parseDecimal parses a decimal number ("12", "-1.50", "1e3"), nil if s is

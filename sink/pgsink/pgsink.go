@@ -44,6 +44,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/changefeed/changefeed/doc"
@@ -296,7 +297,8 @@ func (s *Sink) bootstrapErr(err error) error {
 	return s.transient("bootstrap", err)
 }
 
-// row is one document as statement parameters.
+// row is one document as statement parameters. Its pointers point into
+// the batch's backing arrays (see Write), not at values of their own.
 type row struct {
 	id      string
 	vals    []*string
@@ -307,16 +309,56 @@ type row struct {
 	path    *string
 }
 
-func (s *Sink) row(d *doc.Document) (row, error) {
-	r := row{id: d.ID, deleted: d.Deleted, vals: make([]*string, len(s.paths))}
-	if sink.IsCouch(d) {
-		rev := d.Version.Rev.String()
-		path := arrayLiteral(sink.RevPath(d.Version))
-		r.rev, r.path = &rev, &path
+// rowBuf holds the values of a batch's rows: one allocation per kind for
+// the whole batch rather than several per document.
+type rowBuf struct {
+	vals []*string // len(docs) × columns
+	text []string  // converted values and SQL versions
+	ords []int64
+}
+
+func newRowBuf(docs, cols int) *rowBuf {
+	return &rowBuf{
+		vals: make([]*string, docs*cols),
+		text: make([]string, 0, docs*(cols+1)),
+		ords: make([]int64, 0, docs),
+	}
+}
+
+// str stores v and returns a pointer to it. Pointers stay valid: text
+// never grows beyond the capacity it was made with (newRowBuf counts one
+// string per column and one per version); past it a new array is started.
+func (b *rowBuf) str(v string) *string {
+	if len(b.text) == cap(b.text) {
+		b.text = make([]string, 0, max(16, cap(b.text)))
+	}
+	b.text = append(b.text, v)
+	return &b.text[len(b.text)-1]
+}
+
+func (b *rowBuf) ord(v int64) *int64 {
+	if len(b.ords) == cap(b.ords) {
+		b.ords = make([]int64, 0, max(16, cap(b.ords)))
+	}
+	b.ords = append(b.ords, v)
+	return &b.ords[len(b.ords)-1]
+}
+
+func (s *Sink) row(d *doc.Document, buf *rowBuf) (row, error) {
+	n := len(s.paths)
+	var vals []*string
+	if len(buf.vals) >= n {
+		vals, buf.vals = buf.vals[:n:n], buf.vals[n:]
 	} else {
-		lsn := d.Version.SQL.CommitLSN.String()
-		ord := int64(d.Version.SQL.Ordinal)
-		r.lsn, r.ord = &lsn, &ord
+		vals = make([]*string, n)
+	}
+	r := row{id: d.ID, deleted: d.Deleted, vals: vals}
+	if sink.IsCouch(d) {
+		r.rev = buf.str(d.Version.Rev.String())
+		r.path = buf.str(arrayLiteral(sink.RevPath(d.Version)))
+	} else {
+		r.lsn = buf.str(d.Version.SQL.CommitLSN.String())
+		r.ord = buf.ord(int64(d.Version.SQL.Ordinal))
 	}
 	if d.Deleted {
 		return r, nil
@@ -328,9 +370,10 @@ func (s *Sink) row(d *doc.Document) (row, error) {
 		}
 		text, err := s.convert[i](v)
 		if err != nil {
+			clear(r.vals)
 			return row{}, fmt.Errorf("pgsink: %s: column %q (field %q): %w", s.cfg.Table, s.cfg.Columns[i].Name, strings.Join(p, "."), err)
 		}
-		r.vals[i] = &text
+		r.vals[i] = buf.str(text)
 	}
 	return r, nil
 }
@@ -368,12 +411,13 @@ func (s *Sink) Write(ctx context.Context, docs []*doc.Document) error {
 	docs = sink.Newest(docs)
 	errs := doc.Errors{}
 	rows := make([]row, 0, len(docs))
+	buf := newRowBuf(len(docs), len(s.paths))
 	for _, d := range docs {
 		if strings.ContainsRune(d.ID, 0) {
 			errs[d.ID] = fmt.Errorf("pgsink: %s: document id contains a NUL character", s.cfg.Table)
 			continue
 		}
-		r, err := s.row(d)
+		r, err := s.row(d, buf)
 		if err != nil {
 			errs[d.ID] = err
 			continue
@@ -416,29 +460,29 @@ func (s *Sink) exec(ctx context.Context, rows []row) (int64, error) {
 		return 0, nil
 	}
 	n := len(s.paths)
-	ids := make([]string, len(rows))
-	cols := make([][]*string, n)
-	for i := range cols {
-		cols[i] = make([]*string, len(rows))
-	}
-	deleted := make([]bool, len(rows))
-	lsn := make([]*string, len(rows))
-	ord := make([]*int64, len(rows))
-	rev := make([]*string, len(rows))
-	path := make([]*string, len(rows))
+	m := len(rows)
+	// The arrays are passed as pgtype.FlatArray so that pgx encodes them
+	// without reflection; the bytes sent are the same.
+	ids := make([]string, m)
+	all := make([]*string, (n+3)*m) // the columns, then lsn, rev, path
+	col := func(i int) []*string { return all[i*m : (i+1)*m : (i+1)*m] }
+	deleted := make([]bool, m)
+	ord := make([]*int64, m)
+	lsn, rev, path := col(n), col(n+1), col(n+2)
 	for j, r := range rows {
 		ids[j] = r.id
-		for i := range n {
-			cols[i][j] = r.vals[i]
+		for i, v := range r.vals {
+			all[i*m+j] = v
 		}
 		deleted[j], lsn[j], ord[j], rev[j], path[j] = r.deleted, r.lsn, r.ord, r.rev, r.path
 	}
 	args := make([]any, 0, n+6)
 	args = append(args, ids)
-	for _, c := range cols {
-		args = append(args, c)
+	for i := range n {
+		args = append(args, pgtype.FlatArray[*string](col(i)))
 	}
-	args = append(args, deleted, lsn, ord, rev, path)
+	args = append(args, deleted, pgtype.FlatArray[*string](lsn), pgtype.FlatArray[*int64](ord),
+		pgtype.FlatArray[*string](rev), pgtype.FlatArray[*string](path))
 	tag, err := s.pool.Exec(ctx, s.upsert, args...)
 	if err != nil {
 		return 0, err

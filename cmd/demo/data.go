@@ -58,6 +58,9 @@ tables:
       doc_type_suffix: -Deleted
 `
 
+// esMarker is where -es-url adds an Elasticsearch processor.
+const esMarker = "#elasticsearch\n"
+
 // pillowsYAML: one pillow per source, both into reporting tables.
 const pillowsYAML = `
 stores:
@@ -80,6 +83,7 @@ pillows:
             - {name: name, type: text}
             - {name: owner_id, type: text}
             - {name: closed, type: boolean}
+#elasticsearch
   - name: user-report
     topics: [commcare-user]
     batch: {max_stubs: 500, max_wait: 50ms}

@@ -46,9 +46,9 @@ func main() {
 }
 
 type options struct {
-	bin, pgURL, couchURL, brokers, workDir string
-	follow                                 bool
-	timeout                                time.Duration
+	bin, pgURL, couchURL, brokers, workDir, esURL string
+	follow                                        bool
+	timeout                                       time.Duration
 }
 
 func run() error {
@@ -58,6 +58,7 @@ func run() error {
 	flag.StringVar(&o.couchURL, "couch-url", os.Getenv("CHANGEFEED_COUCH_URL"), "CouchDB API server")
 	flag.StringVar(&o.brokers, "kafka-brokers", "", "a real Kafka cluster; default: an embedded in-memory kfake cluster")
 	flag.StringVar(&o.workDir, "work-dir", ".demo", "where config files and process logs go")
+	flag.StringVar(&o.esURL, "es-url", "", "an Elasticsearch cluster to index cases into as well (none can be installed here; optional)")
 	flag.BoolVar(&o.follow, "follow", false, "keep running after the demo data is shown; Ctrl-C stops")
 	flag.DurationVar(&o.timeout, "timeout", 90*time.Second, "how long to wait for the reporting tables to settle")
 	flag.Parse()
@@ -111,7 +112,12 @@ func run() error {
 	if err := os.WriteFile(routing, []byte(routingYAML), 0o644); err != nil {
 		return err
 	}
-	if err := os.WriteFile(pillowsFile, []byte(pillowsYAML), 0o644); err != nil {
+	pillows := pillowsYAML
+	if o.esURL != "" {
+		pillows = strings.Replace(pillows, esMarker, "      - elasticsearch:\n          urls: [\"${CHANGEFEED_DEMO_ES_URL}\"]\n          index: demo-cases\n", 1)
+		say("cases are also indexed into Elasticsearch at %s, index demo-cases", o.esURL)
+	}
+	if err := os.WriteFile(pillowsFile, []byte(pillows), 0o644); err != nil {
 		return err
 	}
 	env := []string{
@@ -120,26 +126,25 @@ func run() error {
 		"CHANGEFEED_COUCH_URL=" + o.couchURL,
 		"CHANGEFEED_KAFKA_BROKERS=" + strings.Join(brokers, ","),
 		"CHANGEFEED_LOG_LEVEL=info",
+		"CHANGEFEED_DEMO_ES_URL=" + o.esURL,
 	}
-	procs := []*exec.Cmd{
-		command(dir, o.bin, "cdc-publisher", env, "CHANGEFEED_ROUTING_FILE="+routing),
-		command(dir, o.bin, "couch-follower", env, "CHANGEFEED_COUCH_DATABASES=commcarehq"),
-		command(dir, o.bin, "pillow", env, "CHANGEFEED_PILLOWS_FILE="+pillowsFile),
-	}
-	procs[2].Args = append(procs[2].Args, "run", "--all")
-	for _, p := range procs {
-		if err := p.Start(); err != nil {
-			return fmt.Errorf("start %s: %w", p.Path, err)
-		}
-		say("started %s (pid %d), log in %s", filepath.Base(p.Path), p.Process.Pid, p.Stdout.(*os.File).Name())
-		defer stopProcess(p)
+	specs := []struct {
+		name  string
+		extra []string
+		args  []string
+	}{
+		{"cdc-publisher", []string{"CHANGEFEED_ROUTING_FILE=" + routing}, nil},
+		{"couch-follower", []string{"CHANGEFEED_COUCH_DATABASES=commcarehq"}, nil},
+		{"pillow", []string{"CHANGEFEED_PILLOWS_FILE=" + pillowsFile}, []string{"run", "--all"}},
 	}
 	// Changes written before the publisher has created its slot are not in
-	// the slot: wait until every process says it is ready.
-	for _, p := range procs {
-		if err := waitReady(ctx, p, 60*time.Second); err != nil {
+	// the slot: each process must say it is ready before the demo writes.
+	for _, sp := range specs {
+		p, err := startReady(ctx, dir, o.bin, sp.name, append(env, sp.extra...), sp.args)
+		if err != nil {
 			return err
 		}
+		defer p.stop()
 	}
 
 	go printStubs(ctx, cl)
@@ -150,6 +155,17 @@ func run() error {
 	if err := waitForReports(ctx, conn, o.timeout); err != nil {
 		return err
 	}
+	if o.esURL != "" {
+		var count struct {
+			Count int `json:"count"`
+		}
+		// The pillow marks a batch only after every processor wrote it, so
+		// the cases are in the index once the reporting table shows them.
+		if err := couch(ctx, http.MethodGet, strings.TrimRight(o.esURL, "/")+"/demo-cases/_count", nil, &count); err != nil {
+			return fmt.Errorf("elasticsearch: %w", err)
+		}
+		say("Elasticsearch index demo-cases holds %d documents", count.Count)
+	}
 	if o.follow {
 		say("running; write to the tables or to %s/commcarehq and watch. Ctrl-C stops.", o.couchURL)
 		<-ctx.Done()
@@ -159,25 +175,51 @@ func run() error {
 
 func say(format string, args ...any) { fmt.Printf("==> "+format+"\n", args...) }
 
-func command(dir, bin, name string, env []string, extra ...string) *exec.Cmd {
-	c := exec.Command(filepath.Join(bin, name))
-	c.Env = append(append(os.Environ(), env...), extra...)
-	c.Env = append(c.Env, "CHANGEFEED_HTTP_ADDR="+freeAddr())
-	f, err := os.Create(filepath.Join(dir, "logs", name+".log"))
-	if err == nil {
-		c.Stdout, c.Stderr = f, f
-	}
-	return c
+// proc is a child process and the channel closed when it exits.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
 }
 
-// waitReady polls the process's /readyz until it answers 200.
-func waitReady(ctx context.Context, c *exec.Cmd, timeout time.Duration) error {
-	var addr string
-	for _, kv := range c.Env {
-		if v, ok := strings.CutPrefix(kv, "CHANGEFEED_HTTP_ADDR="); ok {
-			addr = v
+// startReady starts bin/name and waits for its /readyz. The HTTP port is
+// picked free just before the start, so another program can take it in
+// between: a process that exits before it is ready is started again on a new
+// port, a bounded number of times.
+func startReady(ctx context.Context, dir, bin, name string, env, args []string) (*proc, error) {
+	const attempts = 3
+	var lastErr error
+	for range attempts {
+		addr := freeAddr()
+		c := exec.Command(filepath.Join(bin, name), args...)
+		c.Env = append(append(os.Environ(), env...), "CHANGEFEED_HTTP_ADDR="+addr)
+		logPath := filepath.Join(dir, "logs", name+".log")
+		f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return nil, err
+		}
+		c.Stdout, c.Stderr = f, f
+		if err := c.Start(); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("start %s: %w", name, err)
+		}
+		p := &proc{cmd: c, done: make(chan struct{})}
+		go func() { p.err = c.Wait(); f.Close(); close(p.done) }()
+		say("started %s (pid %d), log in %s", name, c.Process.Pid, logPath)
+		if lastErr = p.waitReady(ctx, addr, 60*time.Second); lastErr == nil {
+			return p, nil
+		}
+		p.stop()
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
 		}
 	}
+	return nil, fmt.Errorf("%s: %w (see its log)", name, lastErr)
+}
+
+// waitReady polls /readyz until it answers 200, the process exits or the
+// timeout passes.
+func (p *proc) waitReady(ctx context.Context, addr string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		resp, err := http.Get("http://" + addr + "/readyz")
@@ -188,11 +230,13 @@ func waitReady(ctx context.Context, c *exec.Cmd, timeout time.Duration) error {
 			}
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready within %s (see its log)", filepath.Base(c.Path), timeout)
+			return fmt.Errorf("not ready within %s", timeout)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-p.done:
+			return fmt.Errorf("exited before it was ready: %v", p.err)
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
@@ -207,19 +251,23 @@ func freeAddr() string {
 	return l.Addr().String()
 }
 
-// stopProcess sends SIGTERM, which every changefeed process answers by
-// flushing, checkpointing and exiting 0.
-func stopProcess(c *exec.Cmd) {
-	_ = c.Process.Signal(syscall.SIGTERM)
-	done := make(chan error, 1)
-	go func() { done <- c.Wait() }()
+// stop sends SIGTERM, which every changefeed process answers by flushing,
+// checkpointing and exiting 0.
+func (p *proc) stop() {
 	select {
-	case err := <-done:
-		if err != nil {
-			say("%s exited: %v", filepath.Base(c.Path), err)
+	case <-p.done:
+		return
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+		if p.err != nil {
+			say("%s exited: %v", filepath.Base(p.cmd.Path), p.err)
 		}
 	case <-time.After(15 * time.Second):
-		_ = c.Process.Kill()
+		_ = p.cmd.Process.Kill()
+		<-p.done
 	}
 }
 
@@ -297,6 +345,7 @@ func putDoc(ctx context.Context, db, id, body string) (string, error) {
 	return resp.Rev, err
 }
 
+// couch sends a JSON request (CouchDB, or Elasticsearch for -es-url).
 func couch(ctx context.Context, method, url string, body []byte, out ...any) error {
 	req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
 	if err != nil {

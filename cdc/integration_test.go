@@ -23,6 +23,7 @@ CREATE TABLE cases (case_id text PRIMARY KEY, domain text, type text, deleted bo
 CREATE TABLE case_index (id serial PRIMARY KEY, case_id text NOT NULL, domain text, referenced_id text);
 ALTER TABLE case_index REPLICA IDENTITY FULL;
 CREATE TABLE forms (form_id text PRIMARY KEY, domain text, doc_type text NOT NULL, xmlns text);
+ALTER TABLE forms REPLICA IDENTITY FULL;
 CREATE TABLE unpublished (id serial PRIMARY KEY, v text);
 `
 
@@ -204,6 +205,11 @@ func testMixedWorkload(t *testing.T, pg *testenv.PG) {
 	// A DELETE carries only the key (domain and type are outside it).
 	add(txid(t, c, true, `DELETE FROM cases WHERE case_id = 'c2'`),
 		want{"c2", true, "", "", "CommCareCase", "case-sql", "case-sql"})
+	// A hard DELETE of a table routed by its type column: REPLICA IDENTITY
+	// FULL (required at start) gives the deletion its type, so it lands on
+	// the document's own topic.
+	add(txid(t, c, true, `DELETE FROM forms WHERE form_id = 'f1'`),
+		want{"f1", true, "d2", "http://x", "XFormInstance-Deleted", "form-sql", "form-sql"})
 	// A child row deleted: its parent changed, it is not deleted.
 	add(txid(t, c, true, `DELETE FROM case_index`),
 		want{"c1", false, "d1", "", "CommCareCase", "case-sql", "case-sql"})
@@ -685,6 +691,14 @@ tables:
 tables:
   - {table: case_index, document_type: C, parent: {id_column: case_id}}`,
 			want: []string{"table public.case_index", "field parent.id_column", "replica identity", "REPLICA IDENTITY FULL"},
+		},
+		{
+			name:   "document type column outside replica identity",
+			schema: "CREATE TABLE forms (form_id text PRIMARY KEY, doc_type text NOT NULL);",
+			routing: `
+tables:
+  - {table: forms, document_type_column: doc_type, id_column: form_id}`,
+			want: []string{"table public.forms", "field document_type_column", `"doc_type"`, "REPLICA IDENTITY FULL"},
 		},
 		{
 			name:   "role without REPLICATION",

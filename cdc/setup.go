@@ -102,6 +102,14 @@ FROM pg_class c WHERE c.oid = to_regclass($1)`, quoted).Scan(&oid, &kind, &ident
 		return precondition("routing file %s: table %s: field %s: column %q (%s) is not in the table's replica identity (%s), so a DELETE would not carry it; run ALTER TABLE %s REPLICA IDENTITY FULL",
 			file, t.QualifiedName(), field, idCol, what, strings.Join(identity, ", "), quoted)
 	}
+	// A DELETE carries only the replica identity. Without the type column a
+	// deletion stub would carry the wrong document_type and could land on
+	// another topic than the document's other stubs: its consumers would
+	// never see the deletion.
+	if tc := t.DocumentTypeColumn; tc != "" && !slices.Contains(identity, tc) {
+		return precondition("routing file %s: table %s: field document_type_column: column %q is not in the table's replica identity (%s), so a DELETE would not carry the document type and its stub would be misrouted; run ALTER TABLE %s REPLICA IDENTITY FULL",
+			file, t.QualifiedName(), tc, strings.Join(identity, ", "), quoted)
+	}
 	var missing []string
 	for _, fc := range t.columns() {
 		if !slices.Contains(identity, fc.column) && fc.field != "deletion.column" {

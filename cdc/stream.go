@@ -440,6 +440,9 @@ func (s *stream) waitSlot() error {
 		select {
 		case <-p.wake:
 		case <-s.tickerC:
+			// The server is not read while waiting, so its silence proves
+			// nothing: a long Kafka outage must not end the session.
+			s.lastReceived = time.Now()
 			if err := s.tick(); err != nil {
 				return err
 			}

@@ -108,6 +108,8 @@ func newPillowRig(t *testing.T, o pillowRigOpts) *pillowRig {
 		t.Cleanup(r.repPool.Close)
 	}
 	r.exec(r.srcPool, `CREATE TABLE cases (id text PRIMARY KEY, doc_type text NOT NULL, domain text NOT NULL, name text, n int)`)
+	// The publisher routes by doc_type, which a DELETE carries only with FULL.
+	r.exec(r.srcPool, `ALTER TABLE cases REPLICA IDENTITY FULL`)
 	r.prod, err = kgo.NewClient(kgo.SeedBrokers(r.kafka.Brokers()...), kgo.DefaultProduceTopic(pillowTopic))
 	if err != nil {
 		t.Fatal(err)

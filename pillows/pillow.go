@@ -82,11 +82,17 @@ type Filter struct {
 }
 
 // Match reports whether s passes the filter.
+//
+// A deletion stub whose domain is empty passes a domain filter: a DELETE
+// carries only the table's replica identity, so the publisher cannot always
+// name the domain of a deleted row. Dropping it would leave the deleted
+// document in the sinks forever; passing it costs one fetch that finds the
+// document gone.
 func (f Filter) Match(s *stub.Stub) bool {
 	if len(f.DocumentTypes) > 0 && !slices.Contains(f.DocumentTypes, s.DocumentType) {
 		return false
 	}
-	if len(f.Domains) > 0 && !slices.Contains(f.Domains, s.Domain) {
+	if len(f.Domains) > 0 && !slices.Contains(f.Domains, s.Domain) && !(s.IsDeletion && s.Domain == "") {
 		return false
 	}
 	return true

@@ -100,6 +100,17 @@ func TestFilter(t *testing.T) {
 			t.Errorf("%+v.Match = %v", tt.f, got)
 		}
 	}
+	// A deletion whose domain the DELETE did not carry must still reach
+	// the pillow; one with another domain must not.
+	del := sqlStub("a", 2, 0)
+	del.IsDeletion = true
+	if !(Filter{Domains: []string{"demo"}}).Match(del) {
+		t.Error("deletion stub without a domain was filtered out")
+	}
+	del.Domain = "other"
+	if (Filter{Domains: []string{"demo"}}).Match(del) {
+		t.Error("deletion stub of another domain passed the filter")
+	}
 }
 
 type proc struct{ n string }

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS form_processor_xforminstancesql (
     xmlns    text,
     doc_type text NOT NULL DEFAULT 'XFormInstance'
 );
+-- Routed by doc_type: a DELETE must carry it.
+ALTER TABLE form_processor_xforminstancesql REPLICA IDENTITY FULL;
 `
 
 // routingYAML maps the demo tables to topics (see cdc/testdata/routing.yaml).

@@ -177,6 +177,11 @@ func (p *Publisher) ensurePublication(ctx context.Context, db *pgx.Conn) error {
 		return fmt.Errorf("read publication %s tables: %w", p.cfg.Publication, err)
 	}
 	if all {
+		// The checkpoint table is then published too: each checkpoint write
+		// is decoded and confirmed, so the slot never goes idle. Harmless,
+		// but worth a dedicated publication.
+		p.log.Warn("publication is FOR ALL TABLES: changefeed's own checkpoint writes are decoded as well; prefer a publication of the routed tables (let the publisher create it)",
+			"publication", p.cfg.Publication)
 		return nil
 	}
 	var add []string

@@ -90,6 +90,9 @@ type outcome struct {
 	failures []Failure
 	// failed holds the keys of documents with at least one failure.
 	failed map[docKey]bool
+	// revs holds the revision of every Couch document fetched: the
+	// winner handed to the processors, which need not be the stub's.
+	revs map[docKey]string
 }
 
 // fetch fetches the stubs' documents in bulk, one call per store. It
@@ -267,6 +270,14 @@ func (e *engine) round(ctx context.Context, stubs []*stub.Stub, only map[string]
 	docs, fails, err := e.fetch(ctx, stubs)
 	if err != nil {
 		return out, err
+	}
+	for k, d := range docs {
+		if k.typ == stub.SourceCouch {
+			if out.revs == nil {
+				out.revs = make(map[docKey]string, len(docs))
+			}
+			out.revs[k] = d.Version.Rev.String()
+		}
 	}
 	out.failures = append(out.failures, fails...)
 	for _, f := range fails {

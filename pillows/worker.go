@@ -245,9 +245,21 @@ func (w *worker) process(recs []*kgo.Record) bool {
 			out, err := pr.eng.handle(w.ctx, stubs)
 			if err == nil {
 				for _, s := range stubs {
-					if !out.failed[keyOf(s)] {
-						w.dd.record(s)
+					k := keyOf(s)
+					if out.failed[k] {
+						continue
 					}
+					if rev, ok := out.revs[k]; ok && rev != s.DocumentRev {
+						// Remember the revision written, the winner
+						// fetched, not the stub's: once a conflict
+						// branch is deleted, the stub's revision can
+						// win again, and its next stub must not be
+						// skipped while the sink holds the branch.
+						c := *s
+						c.DocumentRev = rev
+						s = &c
+					}
+					w.dd.record(s)
 				}
 				break
 			}

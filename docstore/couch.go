@@ -32,6 +32,9 @@ type Couch struct {
 	client *http.Client
 }
 
+// DeletedSuffix marks a soft-deleted Couch document's doc_type.
+const DeletedSuffix = "-Deleted"
+
 // NewCouch returns a store for the CouchDB server at baseURL
 // ("http://user:pass@host:5984" or with a path prefix). Credentials in the
 // URL are sent as HTTP basic authentication and never appear in errors. A
@@ -297,6 +300,12 @@ func decodeCouchDoc(w *couchWant, raw json.RawMessage) (*doc.Document, error) {
 	d := deletedDoc(w, rev)
 	d.Version.Revisions = path
 	if deleted, _ := body["_deleted"].(bool); deleted {
+		return d, nil
+	}
+	// HQ soft-deletes by renaming the doc_type ("CommCareCase-Deleted"); the
+	// follower publishes such a change as a deletion and the sinks must
+	// treat it as one too.
+	if t, _ := body["doc_type"].(string); strings.HasSuffix(t, DeletedSuffix) {
 		return d, nil
 	}
 	d.Deleted = false

@@ -100,6 +100,9 @@ func TestCouchFetch(t *testing.T) {
 		map[string]any{"_id": "f3", "_rev": "6-fff", "_deleted": true, "_revisions": map[string]any{"start": 6, "ids": []string{"fff", "eee", "ddd", "ccc", "bbb", "aaa"}}},
 	}}, nil)
 	couchDo(t, base, "PUT", "/other/o1", map[string]any{"doc_type": "CommCareCase"}, &res)
+	// soft-deleted the HQ way: the doc_type is renamed
+	couchDo(t, base, "PUT", dbPath+"/f4", map[string]any{"doc_type": "XFormInstance-Deleted", "domain": "d1"}, &res)
+	f4Rev := res.Rev
 
 	s, err := NewCouch(base, &http.Client{Timeout: 30 * time.Second})
 	if err != nil {
@@ -108,7 +111,7 @@ func TestCouchFetch(t *testing.T) {
 	docs, err := s.Fetch(ctx, []*stub.Stub{
 		couchStub(db, "f1"), couchStub(db, "f2"), couchStub("other", "o1"), couchStub(db, "f3"),
 		couchStub(db, "f1"), couchStub(db, "never"), couchStub("nodb", "z1"),
-		sqlStub(db, "s1", 1, 0),
+		sqlStub(db, "s1", 1, 0), couchStub(db, "f4"),
 	})
 	var de doc.Errors
 	if !errors.As(err, &de) || len(de) != 2 || de["z1"] == nil || de["s1"] == nil {
@@ -132,6 +135,7 @@ func TestCouchFetch(t *testing.T) {
 		"other/o1 deleted=false rev=",
 		"forms/2024/f3 deleted=false rev=3-xxx path=3:xxx,bbb,aaa type=StubType domain=stub-domain",
 		"forms/2024/never deleted=true rev= path=0: type=StubType domain=stub-domain",
+		fmt.Sprintf("forms/2024/f4 deleted=true rev=%s", f4Rev),
 	}
 	if len(got) != len(want) {
 		t.Fatalf("Fetch =\n%s", strings.Join(got, "\n"))
@@ -147,6 +151,9 @@ func TestCouchFetch(t *testing.T) {
 	}
 	if _, ok := f1.Body["_revisions"]; ok {
 		t.Fatal("_revisions left in the body")
+	}
+	if byID["f4"].Body != nil {
+		t.Fatalf("soft-deleted f4 kept a body: %v", byID["f4"].Body)
 	}
 	if byID["f2"].Body != nil || byID["f3"].Body["v"] != "short" {
 		t.Fatalf("f2 body %v, f3 body %v", byID["f2"].Body, byID["f3"].Body)

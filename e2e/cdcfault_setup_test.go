@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -109,17 +110,31 @@ func newFaultRig(t *testing.T, env map[string]string) *faultRig {
 // start starts a publisher run and waits until it streams the slot.
 func (r *faultRig) start(t *testing.T) faultenv.SlotSample {
 	t.Helper()
-	r.pub.Start(t)
-	// A run that exits instead of streaming fails here with its log.
-	var s faultenv.SlotSample
-	faultenv.Poll(t, time.Minute, 25*time.Millisecond, "publisher streaming", func() bool {
-		if !r.pub.Running() {
-			t.Fatalf("publisher run %d exited with %d before streaming:\n%s", r.pub.Runs()-1, r.pub.ExitCode(), r.pub.Log())
+	// The HTTP port was free when picked, but between a kill and the
+	// restart another process (a container's port mapping, a parallel
+	// test) can take it: a run that cannot listen is restarted on a new
+	// port, a bounded number of times. Any other early exit fails the test.
+	for attempt := 1; ; attempt++ {
+		r.pub.Start(t)
+		var s faultenv.SlotSample
+		portTaken := false
+		faultenv.Poll(t, time.Minute, 25*time.Millisecond, "publisher streaming", func() bool {
+			if !r.pub.Running() {
+				if log := r.pub.Log(); attempt < 3 && strings.Contains(log, "address already in use") {
+					portTaken = true
+					return true
+				}
+				t.Fatalf("publisher run %d exited with %d before streaming:\n%s", r.pub.Runs()-1, r.pub.ExitCode(), r.pub.Log())
+			}
+			s = r.sampler.Sample(t)
+			return s.Active
+		})
+		if !portTaken {
+			return s
 		}
-		s = r.sampler.Sample(t)
-		return s.Active
-	})
-	return s
+		r.http = net.JoinHostPort("127.0.0.1", strconv.Itoa(testenv.FreePort(t)))
+		r.pub.SetEnv("CHANGEFEED_HTTP_ADDR", r.http)
+	}
 }
 
 // kill kills the publisher with SIGKILL and records where the next run

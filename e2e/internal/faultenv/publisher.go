@@ -99,6 +99,20 @@ func NewPublisher(t testing.TB, cfg PublisherConfig) *Publisher {
 }
 
 // Start begins a new run. The previous run must have exited.
+// SetEnv changes one setting for the runs started after it.
+func (p *Publisher) SetEnv(key, value string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	prefix := key + "="
+	for i, kv := range p.env {
+		if strings.HasPrefix(kv, prefix) {
+			p.env[i] = prefix + value
+			return
+		}
+	}
+	p.env = append(p.env, prefix+value)
+}
+
 func (p *Publisher) Start(t testing.TB) {
 	t.Helper()
 	p.mu.Lock()

@@ -38,21 +38,9 @@ func Up(ctx context.Context, dsn string, log *slog.Logger) error {
 
 // UpDB is Up on an open database handle.
 func UpDB(ctx context.Context, db *sql.DB, log *slog.Logger) error {
-	sub, err := fs.Sub(files, "sql")
+	p, err := provider(db)
 	if err != nil {
-		return fmt.Errorf("migrations: %w", err)
-	}
-	locker, err := lock.NewPostgresSessionLocker()
-	if err != nil {
-		return fmt.Errorf("migrations: %w", err)
-	}
-	p, err := goose.NewProvider(goose.DialectPostgres, db, sub,
-		goose.WithTableName("changefeed_schema_version"),
-		goose.WithSessionLocker(locker),
-		goose.WithDisableGlobalRegistry(true),
-	)
-	if err != nil {
-		return fmt.Errorf("migrations: %w", err)
+		return err
 	}
 	results, err := p.Up(ctx)
 	if err != nil {
@@ -64,4 +52,24 @@ func UpDB(ctx context.Context, db *sql.DB, log *slog.Logger) error {
 		}
 	}
 	return nil
+}
+
+func provider(db *sql.DB) (*goose.Provider, error) {
+	sub, err := fs.Sub(files, "sql")
+	if err != nil {
+		return nil, fmt.Errorf("migrations: %w", err)
+	}
+	locker, err := lock.NewPostgresSessionLocker()
+	if err != nil {
+		return nil, fmt.Errorf("migrations: %w", err)
+	}
+	p, err := goose.NewProvider(goose.DialectPostgres, db, sub,
+		goose.WithTableName("changefeed_schema_version"),
+		goose.WithSessionLocker(locker),
+		goose.WithDisableGlobalRegistry(true),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("migrations: %w", err)
+	}
+	return p, nil
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/changefeed/changefeed/internal/testenv"
 )
@@ -75,5 +76,67 @@ func TestUpInvalidURLHidesPassword(t *testing.T) {
 	}
 	if strings.Contains(err.Error(), "hunter2") {
 		t.Fatalf("error leaks the password: %v", err)
+	}
+}
+
+// 00003 names an error row's document by source: rows recorded before it
+// take their source from their stub, and the same id from two sources gets
+// two rows. Down collapses them back to one per id.
+func TestPillowErrorsSource(t *testing.T) {
+	pg := testenv.Postgres(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfg, err := pgx.ParseConfig(pg.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := stdlib.OpenDB(*cfg)
+	defer db.Close()
+	p, err := provider(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.UpTo(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	exec := func(q string, args ...any) {
+		t.Helper()
+		if _, err := db.ExecContext(ctx, q, args...); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	insert := `INSERT INTO changefeed.pillow_errors (pillow, processor, document_id, version, stub, error_type, error_message, next_attempt)
+VALUES ('p', 'proc', 'x', '1-a', $1::jsonb, 't', 'm', now())`
+	exec(insert, `{"document_id": "x", "data_source_type": "couch", "data_source_name": "hq"}`)
+	if _, err := p.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var typ, name string
+	if err := db.QueryRowContext(ctx, `SELECT data_source_type, data_source_name FROM changefeed.pillow_errors`).Scan(&typ, &name); err != nil {
+		t.Fatal(err)
+	}
+	if typ != "couch" || name != "hq" {
+		t.Fatalf("existing row: source %q/%q, want couch/hq from its stub", typ, name)
+	}
+	// The same id from SQL is another row; from the same source, a conflict.
+	exec(`INSERT INTO changefeed.pillow_errors (pillow, processor, data_source_type, data_source_name, document_id, version, stub, error_type, error_message, next_attempt)
+VALUES ('p', 'proc', 'sql', 'cases', 'x', 'v', '{}', 't', 'm', now())`)
+	if _, err := db.ExecContext(ctx, `INSERT INTO changefeed.pillow_errors (pillow, processor, data_source_type, data_source_name, document_id, version, stub, error_type, error_message, next_attempt)
+VALUES ('p', 'proc', 'couch', 'hq', 'x', 'v', '{}', 't', 'm', now())`); err == nil {
+		t.Fatal("a second row for couch/hq/x was accepted")
+	}
+
+	if _, err := p.DownTo(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM changefeed.pillow_errors`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Fatalf("%d rows after down, want 1", n)
+	}
+	if _, err := p.Up(ctx); err != nil {
+		t.Fatalf("up again: %v", err)
 	}
 }

@@ -3,6 +3,7 @@ package pillows
 import (
 	"container/list"
 
+	"github.com/changefeed/changefeed/doc"
 	"github.com/changefeed/changefeed/stub"
 )
 
@@ -23,6 +24,10 @@ type dedup struct {
 	items map[docKey]*list.Element
 }
 
+// docKey names a document the way doc.Document.Key does: one pillow can
+// read the same id from several sources (HQ's Couch→SQL migration keeps
+// ids), and each copy is a document of its own everywhere in this package
+// (collapse, dedup memory, failure attribution, the errors table).
 type docKey struct {
 	typ  stub.Source
 	name string
@@ -32,6 +37,12 @@ type docKey struct {
 func keyOf(s *stub.Stub) docKey {
 	return docKey{s.DataSourceType, s.DataSourceName, s.DocumentID}
 }
+
+func keyOfDoc(d *doc.Document) docKey {
+	return docKey{d.Source, d.SourceName, d.ID}
+}
+
+func (k docKey) String() string { return string(k.typ) + "/" + k.name + "/" + k.id }
 
 type seen struct {
 	key docKey

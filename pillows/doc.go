@@ -56,7 +56,13 @@
 //
 // A document that fails (processor or store error, or a panic, recovered and
 // attributed to that document) is recorded in changefeed.pillow_errors and
-// the others go on. A retry loop per pillow re-processes due rows, refetching
+// the others go on. A document is its source and id (data_source_type,
+// data_source_name, document_id, as doc.Document.Key), everywhere in this
+// package: one pillow can read the same id from two sources (HQ's Couch→SQL
+// migration keeps ids), and each copy has its own error row, which only that
+// copy's success clears. Processors and stores report failures by id
+// (doc.Errors); when a call held one id from several sources, its failing
+// copy is found by calling again one document at a time. A retry loop per pillow re-processes due rows, refetching
 // the document, with backoff Retry.BackoffUnit·n² (HQ: 5·n² minutes); after
 // Retry.MaxAttempts the row is marked dead and its stub published to the
 // dead-letter topic.

@@ -19,9 +19,11 @@ import (
 )
 
 // ErrorLog is HQ's PillowError table, changefeed.pillow_errors (created by
-// package migrations): one row per (pillow, processor, document) that failed.
-// Processor "" means the document could not be fetched, so every processor
-// runs again on retry.
+// package migrations): one row per (pillow, processor, document) that failed,
+// the document named by its source and id (data_source_type,
+// data_source_name, document_id): one pillow can read the same id from two
+// sources, and each copy has its own row. Processor "" means the document
+// could not be fetched, so every processor runs again on retry.
 type ErrorLog struct {
 	pool *pgxpool.Pool
 }
@@ -72,32 +74,37 @@ func errorType(err error) string {
 // the table is returned wrapped in doc.ErrTransient: the caller must not move
 // its offset past documents whose failure is not recorded.
 func (l *ErrorLog) record(ctx context.Context, pillow string, r Retry, fs []Failure) error {
-	type key struct{ p, id string }
+	type key struct {
+		p   string
+		doc docKey
+	}
 	seen := map[key]bool{}
-	var procs, ids, versions, stubs, types, msgs []string
+	var procs, types, names, ids, versions, stubs, etypes, msgs []string
 	for _, f := range fs {
-		k := key{f.Processor, f.Stub.DocumentID}
+		k := key{f.Processor, keyOf(f.Stub)}
 		if seen[k] {
 			continue
 		}
 		seen[k] = true
 		b, err := json.Marshal(f.Stub)
 		if err != nil {
-			return fmt.Errorf("encode stub %s: %w", f.Stub.DocumentID, err)
+			return fmt.Errorf("encode stub %s: %w", k.doc, err)
 		}
 		procs = append(procs, f.Processor)
+		types = append(types, string(f.Stub.DataSourceType))
+		names = append(names, f.Stub.DataSourceName)
 		ids = append(ids, f.Stub.DocumentID)
 		versions = append(versions, versionOf(f.Stub))
 		stubs = append(stubs, string(b))
-		types = append(types, errorType(f.Err))
+		etypes = append(etypes, errorType(f.Err))
 		msgs = append(msgs, truncate(f.Err.Error(), 4000))
 	}
 	_, err := l.pool.Exec(ctx, `
 INSERT INTO changefeed.pillow_errors AS e
-    (pillow, processor, document_id, version, stub, error_type, error_message, attempts, next_attempt)
-SELECT $1, u.p, u.d, u.v, u.s::jsonb, u.t, u.m, 1, now() + $2::interval
-FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) AS u(p, d, v, s, t, m)
-ON CONFLICT (pillow, processor, document_id) DO UPDATE SET
+    (pillow, processor, data_source_type, data_source_name, document_id, version, stub, error_type, error_message, attempts, next_attempt)
+SELECT $1, u.p, u.st, u.sn, u.d, u.v, u.s::jsonb, u.t, u.m, 1, now() + $2::interval
+FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[]) AS u(p, st, sn, d, v, s, t, m)
+ON CONFLICT (pillow, processor, data_source_type, data_source_name, document_id) DO UPDATE SET
     version = excluded.version,
     stub = excluded.stub,
     error_type = excluded.error_type,
@@ -105,19 +112,31 @@ ON CONFLICT (pillow, processor, document_id) DO UPDATE SET
     next_attempt = CASE WHEN e.dead AND e.version <> excluded.version THEN excluded.next_attempt ELSE e.next_attempt END,
     dead = e.dead AND e.version = excluded.version,
     updated_at = now()`,
-		pillow, r.Backoff(1), procs, ids, versions, stubs, types, msgs)
+		pillow, r.Backoff(1), procs, types, names, ids, versions, stubs, etypes, msgs)
 	if err != nil {
 		return fmt.Errorf("%w: record pillow errors: %w", doc.ErrTransient, err)
 	}
 	return nil
 }
 
-// resolve deletes the rows of documents processed successfully since.
-func (l *ErrorLog) resolve(ctx context.Context, pillow string, ids []string) error {
-	if len(ids) == 0 {
+// resolve deletes the rows of documents processed successfully since. Only
+// the rows of these documents' own sources go: the same id read from
+// another source keeps its rows.
+func (l *ErrorLog) resolve(ctx context.Context, pillow string, keys []docKey) error {
+	if len(keys) == 0 {
 		return nil
 	}
-	if _, err := l.pool.Exec(ctx, `DELETE FROM changefeed.pillow_errors WHERE pillow = $1 AND document_id = ANY($2)`, pillow, ids); err != nil {
+	types := make([]string, len(keys))
+	names := make([]string, len(keys))
+	ids := make([]string, len(keys))
+	for i, k := range keys {
+		types[i], names[i], ids[i] = string(k.typ), k.name, k.id
+	}
+	if _, err := l.pool.Exec(ctx, `
+DELETE FROM changefeed.pillow_errors e
+USING unnest($2::text[], $3::text[], $4::text[]) AS u(st, sn, d)
+WHERE e.pillow = $1 AND e.data_source_type = u.st AND e.data_source_name = u.sn AND e.document_id = u.d`,
+		pillow, types, names, ids); err != nil {
 		return fmt.Errorf("%w: clear pillow errors: %w", doc.ErrTransient, err)
 	}
 	return nil
@@ -139,23 +158,27 @@ func truncate(s string, n int) string {
 
 // ErrorRow is one row of the errors table.
 type ErrorRow struct {
-	ID           int64
-	Pillow       string
-	Processor    string
-	DocumentID   string
-	Version      string
-	Stub         *stub.Stub
-	ErrorType    string
-	ErrorMessage string
-	Attempts     int
-	NextAttempt  time.Time
-	Dead         bool
+	ID             int64
+	Pillow         string
+	Processor      string
+	DataSourceType stub.Source
+	DataSourceName string
+	DocumentID     string
+	Version        string
+	Stub           *stub.Stub
+	ErrorType      string
+	ErrorMessage   string
+	Attempts       int
+	NextAttempt    time.Time
+	Dead           bool
 }
+
+// errorColumns are the columns scanErrorRow reads, in order.
+const errorColumns = `id, pillow, processor, data_source_type, data_source_name, document_id, version, stub, error_type, error_message, attempts, next_attempt, dead`
 
 // Rows returns the errors recorded for pillow, oldest first.
 func (l *ErrorLog) Rows(ctx context.Context, pillow string) ([]ErrorRow, error) {
-	rows, err := l.pool.Query(ctx, `
-SELECT id, pillow, processor, document_id, version, stub, error_type, error_message, attempts, next_attempt, dead
+	rows, err := l.pool.Query(ctx, `SELECT `+errorColumns+`
 FROM changefeed.pillow_errors WHERE pillow = $1 ORDER BY id`, pillow)
 	if err != nil {
 		return nil, err
@@ -166,9 +189,11 @@ FROM changefeed.pillow_errors WHERE pillow = $1 ORDER BY id`, pillow)
 func scanErrorRow(row pgx.CollectableRow) (ErrorRow, error) {
 	var r ErrorRow
 	var raw []byte
-	if err := row.Scan(&r.ID, &r.Pillow, &r.Processor, &r.DocumentID, &r.Version, &raw, &r.ErrorType, &r.ErrorMessage, &r.Attempts, &r.NextAttempt, &r.Dead); err != nil {
+	var typ string
+	if err := row.Scan(&r.ID, &r.Pillow, &r.Processor, &typ, &r.DataSourceName, &r.DocumentID, &r.Version, &raw, &r.ErrorType, &r.ErrorMessage, &r.Attempts, &r.NextAttempt, &r.Dead); err != nil {
 		return r, err
 	}
+	r.DataSourceType = stub.Source(typ)
 	r.Stub = new(stub.Stub)
 	if err := json.Unmarshal(raw, r.Stub); err != nil {
 		return r, fmt.Errorf("pillow error %d: decode stub: %w", r.ID, err)

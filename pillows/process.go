@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"runtime/debug"
 	"sync/atomic"
@@ -95,11 +96,12 @@ type outcome struct {
 	revs map[docKey]string
 }
 
-// fetch fetches the stubs' documents in bulk, one call per store. It
+// fetch fetches the stubs' documents in bulk, one call per store (more
+// only when the same id comes from several sources of one store). It
 // returns the documents by key, the per-document failures, and a transient
 // error that stops the round.
 func (e *engine) fetch(ctx context.Context, stubs []*stub.Stub) (map[docKey]*doc.Document, []Failure, error) {
-	byStore := map[StoreKey][]*stub.Stub{}
+	byStore := map[StoreKey][]*fetchGroup{}
 	var order []StoreKey
 	var fails []Failure
 	for _, s := range stubs {
@@ -111,41 +113,71 @@ func (e *engine) fetch(ctx context.Context, stubs []*stub.Stub) (map[docKey]*doc
 		if _, ok := byStore[k]; !ok {
 			order = append(order, k)
 		}
-		byStore[k] = append(byStore[k], s)
+		byStore[k] = addUnique(byStore[k], s)
 	}
 	docs := make(map[docKey]*doc.Document, len(stubs))
 	for _, k := range order {
-		group := byStore[k]
 		st := e.p.Stores[k]
-		got, fetchFails, err := e.fetchStore(ctx, k, st, group)
-		if err != nil {
-			return nil, nil, err
-		}
-		fails = append(fails, fetchFails...)
-		byID := make(map[string]*doc.Document, len(got))
-		for _, d := range got {
-			if d != nil {
-				byID[d.ID] = d
+		for _, g := range byStore[k] {
+			group := g.stubs
+			got, fetchFails, err := e.fetchStore(ctx, k, st, group)
+			if err != nil {
+				return nil, nil, err
 			}
-		}
-		failedIDs := map[string]bool{}
-		for _, f := range fetchFails {
-			failedIDs[f.Stub.DocumentID] = true
-		}
-		for _, s := range group {
-			if failedIDs[s.DocumentID] {
-				continue
+			fails = append(fails, fetchFails...)
+			// The group's ids are distinct: a store's answer by id
+			// (documents, doc.Errors) names one stub.
+			byID := make(map[string]*doc.Document, len(got))
+			for _, d := range got {
+				if d != nil {
+					byID[d.ID] = d
+				}
 			}
-			d := byID[s.DocumentID]
-			if d == nil {
-				fails = append(fails, Failure{Stub: s, Err: fmt.Errorf("store %s returned no document for %s", k, s.DocumentID)})
-				continue
+			failedIDs := map[string]bool{}
+			for _, f := range fetchFails {
+				failedIDs[f.Stub.DocumentID] = true
 			}
-			fill(d, s)
-			docs[keyOf(s)] = d
+			for _, s := range group {
+				if failedIDs[s.DocumentID] {
+					continue
+				}
+				d := byID[s.DocumentID]
+				if d == nil {
+					fails = append(fails, Failure{Stub: s, Err: fmt.Errorf("store %s returned no document for %s", k, s.DocumentID)})
+					continue
+				}
+				fill(d, s)
+				if keyOfDoc(d) != keyOf(s) {
+					fails = append(fails, Failure{Stub: s, Err: fmt.Errorf("store %s returned document %s for %s", k, keyOfDoc(d), keyOf(s))})
+					continue
+				}
+				docs[keyOf(s)] = d
+			}
 		}
 	}
 	return docs, fails, nil
+}
+
+// fetchGroup is the stubs of one Store.Fetch call: their ids are distinct.
+type fetchGroup struct {
+	stubs []*stub.Stub
+	ids   map[string]bool
+}
+
+// addUnique adds s to the first group that does not hold its id yet. A
+// store serving several sources (StoreKey.Name "") can be asked for the same
+// id from two of them; a Store answers by id (documents, doc.Errors), so
+// such stubs go to separate calls. Stubs are collapsed per document, so
+// usually there is one group.
+func addUnique(groups []*fetchGroup, s *stub.Stub) []*fetchGroup {
+	for _, g := range groups {
+		if !g.ids[s.DocumentID] {
+			g.ids[s.DocumentID] = true
+			g.stubs = append(g.stubs, s)
+			return groups
+		}
+	}
+	return append(groups, &fetchGroup{stubs: []*stub.Stub{s}, ids: map[string]bool{s.DocumentID: true}})
 }
 
 // fill completes what a store may leave out from the stub.
@@ -220,9 +252,9 @@ func (e *engine) notePanic(where string, err error) {
 	}
 }
 
-// process runs one processor on docs (keyed like stubs). It returns the
-// documents that failed and a transient error that stops the round.
-func (e *engine) process(ctx context.Context, pr Processor, docs []*doc.Document) (map[string]error, error) {
+// process runs one processor on docs. It returns the documents that failed,
+// by key, and a transient error that stops the round.
+func (e *engine) process(ctx context.Context, pr Processor, docs []*doc.Document) (map[docKey]error, error) {
 	t0 := time.Now()
 	err := safe(func() error { return pr.Process(ctx, docs) })
 	e.m.processSeconds.WithLabelValues(e.p.Name, pr.Name()).Observe(time.Since(t0).Seconds())
@@ -237,27 +269,45 @@ func (e *engine) process(ctx context.Context, pr Processor, docs []*doc.Document
 	}
 	var de doc.Errors
 	if errors.As(err, &de) {
-		failed := make(map[string]error, len(de))
+		perID := make(map[string]int, len(docs))
 		for _, d := range docs {
-			if derr, ok := de[d.ID]; ok {
-				failed[d.ID] = derr
+			perID[d.ID]++
+		}
+		failed := make(map[docKey]error, len(de))
+		var unclear []*doc.Document
+		for _, d := range docs {
+			derr, ok := de[d.ID]
+			switch {
+			case !ok:
+			case perID[d.ID] > 1:
+				unclear = append(unclear, d)
+			default:
+				failed[keyOfDoc(d)] = derr
 			}
+		}
+		// doc.Errors names documents by id. When the batch held that id
+		// from several sources, which copy failed is unknown: ask again
+		// one document at a time (processors are idempotent).
+		for _, d := range unclear {
+			f, err := e.process(ctx, pr, []*doc.Document{d})
+			if err != nil {
+				return nil, err
+			}
+			maps.Copy(failed, f)
 		}
 		return failed, nil
 	}
 	e.notePanic("processor "+pr.Name(), err)
 	if len(docs) == 1 {
-		return map[string]error{docs[0].ID: err}, nil
+		return map[docKey]error{keyOfDoc(docs[0]): err}, nil
 	}
-	failed := map[string]error{}
+	failed := map[docKey]error{}
 	for _, d := range docs {
 		f, err := e.process(ctx, pr, []*doc.Document{d})
 		if err != nil {
 			return nil, err
 		}
-		for id, ferr := range f {
-			failed[id] = ferr
-		}
+		maps.Copy(failed, f)
 	}
 	return failed, nil
 }
@@ -284,11 +334,11 @@ func (e *engine) round(ctx context.Context, stubs []*stub.Stub, only map[string]
 		out.failed[keyOf(f.Stub)] = true
 	}
 	list := make([]*doc.Document, 0, len(docs))
-	stubByID := make(map[string]*stub.Stub, len(docs))
+	stubOf := make(map[docKey]*stub.Stub, len(docs)) // fetch keeps only documents whose key is their stub's
 	for _, s := range stubs {
 		if d, ok := docs[keyOf(s)]; ok {
 			list = append(list, d)
-			stubByID[d.ID] = s
+			stubOf[keyOf(s)] = s
 		}
 	}
 	if len(list) == 0 {
@@ -302,13 +352,13 @@ func (e *engine) round(ctx context.Context, stubs []*stub.Stub, only map[string]
 		if err != nil {
 			return out, err
 		}
-		for id, ferr := range failed {
-			s := stubByID[id]
+		for k, ferr := range failed {
+			s := stubOf[k]
 			if s == nil {
 				continue
 			}
 			out.failures = append(out.failures, Failure{Processor: pr.Name(), Stub: s, Err: ferr})
-			out.failed[keyOf(s)] = true
+			out.failed[k] = true
 		}
 		e.m.processed.WithLabelValues(e.p.Name, pr.Name()).Add(float64(len(list) - len(failed)))
 	}
@@ -334,10 +384,10 @@ func (e *engine) handle(ctx context.Context, stubs []*stub.Stub) (outcome, error
 	if e.mayHaveErrors.Load() {
 		// A document now processed by every processor no longer needs
 		// its older failures retried (a dead one included).
-		var ok []string
+		var ok []docKey
 		for _, s := range stubs {
-			if !out.failed[keyOf(s)] {
-				ok = append(ok, s.DocumentID)
+			if k := keyOf(s); !out.failed[k] {
+				ok = append(ok, k)
 			}
 		}
 		if err := e.errs.resolve(ctx, e.p.Name, ok); err != nil {

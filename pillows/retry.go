@@ -54,8 +54,7 @@ func (pr *pillowRun) retryDue(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // no-op after commit
-	rows, err := tx.Query(ctx, `
-SELECT id, pillow, processor, document_id, version, stub, error_type, error_message, attempts, next_attempt, dead
+	rows, err := tx.Query(ctx, `SELECT `+errorColumns+`
 FROM changefeed.pillow_errors
 WHERE pillow = $1 AND NOT dead AND next_attempt <= now()
 ORDER BY next_attempt
@@ -90,7 +89,7 @@ FOR UPDATE SKIP LOCKED`, pr.p.Name, retryBatch)
 				return 0, err
 			}
 			o.Metrics.retries.WithLabelValues(pr.p.Name, "resolved").Inc()
-			pr.log.Info("error resolved on retry", "document_id", row.DocumentID, "processor", row.Processor, "attempts", row.Attempts+1)
+			pr.log.Info("error resolved on retry", "data_source_type", row.DataSourceType, "data_source_name", row.DataSourceName, "document_id", row.DocumentID, "processor", row.Processor, "attempts", row.Attempts+1)
 			continue
 		}
 		ferr := out.failures[0].Err
@@ -98,11 +97,11 @@ FOR UPDATE SKIP LOCKED`, pr.p.Name, retryBatch)
 		dead := attempts >= pr.p.Retry.MaxAttempts
 		if dead {
 			if err := pr.deadLetter(ctx, row, attempts, ferr); err != nil {
-				return 0, fmt.Errorf("dead letter %s: %w", row.DocumentID, err)
+				return 0, fmt.Errorf("dead letter %s/%s/%s: %w", row.DataSourceType, row.DataSourceName, row.DocumentID, err)
 			}
 			o.Metrics.retries.WithLabelValues(pr.p.Name, "dead").Inc()
 			pr.log.Error("document failed for good: marked dead and sent to the dead-letter topic",
-				"document_id", row.DocumentID, "processor", row.Processor, "attempts", attempts, "topic", pr.p.Retry.DeadLetterTopic, "err", ferr)
+				"data_source_type", row.DataSourceType, "data_source_name", row.DataSourceName, "document_id", row.DocumentID, "processor", row.Processor, "attempts", attempts, "topic", pr.p.Retry.DeadLetterTopic, "err", ferr)
 		} else {
 			o.Metrics.retries.WithLabelValues(pr.p.Name, "failed").Inc()
 		}
@@ -132,6 +131,8 @@ func (pr *pillowRun) deadLetter(ctx context.Context, row ErrorRow, attempts int,
 		Headers: []kgo.RecordHeader{
 			{Key: "pillow", Value: []byte(pr.p.Name)},
 			{Key: "processor", Value: []byte(row.Processor)},
+			{Key: "data_source_type", Value: []byte(row.DataSourceType)},
+			{Key: "data_source_name", Value: []byte(row.DataSourceName)},
 			{Key: "version", Value: []byte(row.Version)},
 			{Key: "error_type", Value: []byte(errorType(ferr))},
 			{Key: "error_message", Value: []byte(truncate(ferr.Error(), 4000))},

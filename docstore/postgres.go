@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/changefeed/changefeed/doc"
+	"github.com/changefeed/changefeed/internal/pgident"
 	"github.com/changefeed/changefeed/stub"
 )
 
@@ -141,30 +142,13 @@ func NewPostgres(pool *pgxpool.Pool, tables []PostgresTable) (*Postgres, error) 
 		case t.IDColumn == "":
 			return nil, fmt.Errorf("%s is empty", field("id_column"))
 		}
-		ident, err := parseTable(t.Table)
+		ident, err := pgident.ParseTable(t.Table)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", field("table"), err)
 		}
 		s.tables[t.Source] = &pgTable{cfg: t, ident: ident.Sanitize()}
 	}
 	return s, nil
-}
-
-// parseTable splits "schema.table" into identifier parts.
-func parseTable(s string) (pgx.Identifier, error) {
-	if s == "" {
-		return nil, errors.New("is empty")
-	}
-	parts := strings.Split(s, ".")
-	if len(parts) > 2 {
-		return nil, fmt.Errorf("%q: want table or schema.table", s)
-	}
-	for _, p := range parts {
-		if p == "" || strings.ContainsRune(p, 0) {
-			return nil, fmt.Errorf("%q: empty or invalid name part", s)
-		}
-	}
-	return pgx.Identifier(parts), nil
 }
 
 // pgWant is one document the batch asks for.

@@ -48,6 +48,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/changefeed/changefeed/doc"
+	"github.com/changefeed/changefeed/internal/pgident"
 	"github.com/changefeed/changefeed/sink"
 )
 
@@ -98,7 +99,7 @@ func New(pool *pgxpool.Pool, cfg Config, log *slog.Logger) (*Sink, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	ident, err := parseTable(cfg.Table)
+	ident, err := pgident.ParseTable(cfg.Table)
 	if err != nil {
 		return nil, fmt.Errorf("pgsink: table: %w", err)
 	}
@@ -136,22 +137,6 @@ func New(pool *pgxpool.Pool, cfg Config, log *slog.Logger) (*Sink, error) {
 	}
 	s.upsert = s.buildUpsert()
 	return s, nil
-}
-
-func parseTable(s string) (pgx.Identifier, error) {
-	if s == "" {
-		return nil, errors.New("is empty")
-	}
-	parts := strings.Split(s, ".")
-	if len(parts) > 2 {
-		return nil, fmt.Errorf("%q: want table or schema.table", s)
-	}
-	for _, p := range parts {
-		if p == "" || strings.ContainsRune(p, 0) {
-			return nil, fmt.Errorf("%q: empty or invalid name part", s)
-		}
-	}
-	return pgx.Identifier(parts), nil
 }
 
 func quote(name string) string { return pgx.Identifier{name}.Sanitize() }

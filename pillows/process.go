@@ -8,7 +8,7 @@ import (
 	"maps"
 	"net"
 	"runtime/debug"
-	"sync/atomic"
+	"sync"
 	"syscall"
 	"time"
 
@@ -71,13 +71,52 @@ func safe(fn func() error) (err error) {
 	return fn()
 }
 
+// errorFlag says whether a pillow may have rows in the errors table. Clearing
+// it is conditional on no failure having been recorded since the table was
+// found empty: otherwise a failure recorded while the retry loop was looking
+// would be forgotten, and later successes would not clear its row.
+type errorFlag struct {
+	mu  sync.Mutex
+	on  bool
+	gen uint64
+}
+
+func (f *errorFlag) set() {
+	f.mu.Lock()
+	f.on = true
+	f.gen++
+	f.mu.Unlock()
+}
+
+func (f *errorFlag) get() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.on
+}
+
+// generation is taken before looking at the table; clearIf clears the flag
+// only if nothing was recorded since.
+func (f *errorFlag) generation() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.gen
+}
+
+func (f *errorFlag) clearIf(gen uint64) {
+	f.mu.Lock()
+	if f.gen == gen {
+		f.on = false
+	}
+	f.mu.Unlock()
+}
+
 // engine fetches and processes collapsed stubs for one pillow. It is shared
 // by the partition workers and the retry loop.
 type engine struct {
 	// mayHaveErrors is false only when the errors table was seen without
 	// rows for this pillow since the last failure was recorded; while
 	// true, successfully processed documents clear their old rows.
-	mayHaveErrors atomic.Bool
+	mayHaveErrors errorFlag
 
 	p       *Pillow
 	m       *Metrics
@@ -376,12 +415,12 @@ func (e *engine) handle(ctx context.Context, stubs []*stub.Stub) (outcome, error
 		if err := e.errs.record(ctx, e.p.Name, e.p.Retry, out.failures); err != nil {
 			return out, err
 		}
-		e.mayHaveErrors.Store(true)
+		e.mayHaveErrors.set()
 		for _, f := range out.failures {
 			e.m.docErrors.WithLabelValues(e.p.Name, f.Processor).Inc()
 		}
 	}
-	if e.mayHaveErrors.Load() {
+	if e.mayHaveErrors.get() {
 		// A document now processed by every processor no longer needs
 		// its older failures retried (a dead one included).
 		var ok []docKey

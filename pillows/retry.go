@@ -68,8 +68,9 @@ FOR UPDATE SKIP LOCKED`, pr.p.Name, retryBatch)
 		return 0, err
 	}
 	if len(due) == 0 {
+		gen := pr.eng.mayHaveErrors.generation()
 		if any, err := o.Errors.any(ctx, pr.p.Name); err == nil && !any {
-			pr.eng.mayHaveErrors.Store(false)
+			pr.eng.mayHaveErrors.clearIf(gen)
 		}
 		return 0, nil
 	}

@@ -164,7 +164,9 @@ func (r *Runner) Run(ctx context.Context, ps ...*Pillow) error {
 			// Old failures to clear on success? Assume so unless the
 			// table says otherwise (saves a DELETE per batch).
 			any, err := r.o.Errors.any(ctx, p.Name)
-			pr.eng.mayHaveErrors.Store(err != nil || any)
+			if err != nil || any {
+				pr.eng.mayHaveErrors.set()
+			}
 			if err := pr.run(ctx); err != nil {
 				errs[i] = err
 				cancel(err)

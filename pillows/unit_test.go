@@ -179,3 +179,20 @@ func TestIsTransient(t *testing.T) {
 		t.Fatal("errorType")
 	}
 }
+
+// A failure recorded while the retry loop found the table empty must keep
+// the flag set: the clear is conditional on the generation it started from.
+func TestErrorFlagClearIsConditional(t *testing.T) {
+	var f errorFlag
+	f.set()
+	g := f.generation()
+	f.set() // a worker records a failure while the table is being read
+	f.clearIf(g)
+	if !f.get() {
+		t.Fatal("flag cleared although a failure was recorded after the snapshot")
+	}
+	f.clearIf(f.generation())
+	if f.get() {
+		t.Fatal("flag not cleared with nothing recorded since the snapshot")
+	}
+}

@@ -32,10 +32,10 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/changefeed/changefeed/cdc"
 	"github.com/changefeed/changefeed/internal/cmdutil"
+	"github.com/changefeed/changefeed/internal/embedkafka"
 	"github.com/changefeed/changefeed/kafkaconn"
 	"github.com/changefeed/changefeed/publish"
 )
@@ -103,13 +103,13 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		}
 	}
 	if s.embeddedKafka {
-		cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.AllowAutoTopicCreation())
+		brokers, stopKafka, err := embedkafka.Start()
 		if err != nil {
-			log.Error("start embedded Kafka", "err", err)
+			log.Error("embedded Kafka", "err", err)
 			return 1
 		}
-		defer cluster.Close()
-		s.kafka.Brokers = cluster.ListenAddrs()
+		defer stopKafka()
+		s.kafka.Brokers = brokers
 		log.Warn("using an embedded in-memory Kafka (kfake): for demos only, nothing survives the process", "brokers", s.kafka.Brokers)
 	}
 	reg := cmdutil.NewRegistry()

@@ -28,9 +28,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/changefeed/changefeed/internal/embedkafka"
 	"github.com/changefeed/changefeed/stub"
 )
 
@@ -70,12 +70,15 @@ func run() error {
 
 	brokers := strings.Split(o.brokers, ",")
 	if o.brokers == "" {
-		cluster, err := kfake.NewCluster(kfake.NumBrokers(1))
+		var (
+			stopKafka func()
+			err       error
+		)
+		brokers, stopKafka, err = embedkafka.Start()
 		if err != nil {
-			return fmt.Errorf("embedded kafka: %w", err)
+			return err
 		}
-		defer cluster.Close()
-		brokers = cluster.ListenAddrs()
+		defer stopKafka()
 		say("embedded Kafka (kfake, in memory) on %s", strings.Join(brokers, ","))
 	}
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(demoTopics...),

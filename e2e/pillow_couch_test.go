@@ -23,6 +23,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/changefeed/changefeed/internal/testenv"
 )
 
 const (
@@ -260,7 +262,7 @@ func TestPillowCouch(t *testing.T) {
 	pillowCouchWaitEqual(t, e, r, ids, 30*time.Second)
 	t.Logf("after c2's branch was deleted, equal after %s", time.Since(phase).Round(time.Millisecond))
 
-	pillowEventually(t, 30*time.Second, func() string { return r.lag(pillowCouchName) })
+	testenv.Eventually(t, 30*time.Second, func() string { return r.lag(pillowCouchName) })
 	if n := r.errorRows(pillowCouchName); n != 0 {
 		t.Fatalf("%d error rows", n)
 	}
@@ -442,7 +444,7 @@ func pillowCouchSink(r *pillowRig) (map[string]pillowCouchDoc, map[string]bool, 
 // pillowCouchWait polls the sink until cond returns "".
 func pillowCouchWait(t *testing.T, r *pillowRig, what string, cond func(map[string]pillowCouchDoc) string) {
 	t.Helper()
-	pillowEventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		sink, _, err := pillowCouchSink(r)
 		if err != nil {
 			return what + ": " + err.Error()
@@ -458,7 +460,7 @@ func pillowCouchWait(t *testing.T, r *pillowRig, what string, cond func(map[stri
 // state of ids, and the view lists exactly the live documents.
 func pillowCouchWaitEqual(t *testing.T, e *couchEnv, r *pillowRig, ids []string, d time.Duration) {
 	t.Helper()
-	pillowEventually(t, d, func() string {
+	testenv.Eventually(t, d, func() string {
 		want := pillowCouchState(t, r.ctx, e, ids)
 		got, live, err := pillowCouchSink(r)
 		if err != nil {

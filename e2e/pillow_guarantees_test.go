@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+
+	"github.com/changefeed/changefeed/internal/testenv"
 )
 
 // kill -9 the pillow binary repeatedly while it works through duplicated,
@@ -47,8 +49,8 @@ func TestPillowKillNineAndSIGTERM(t *testing.T) {
 	}
 	p := r.startPillow(file, "--pillow", "cases")
 	p.waitLog(t, "partitions assigned")
-	pillowEventually(t, 60*time.Second, func() string { return pillowDiff(r.source(), r.sink("cases")) })
-	pillowEventually(t, 60*time.Second, func() string { return r.lag("cases") })
+	testenv.Eventually(t, 60*time.Second, func() string { return testenv.DiffStates(r.source(), r.sink("cases")) })
+	testenv.Eventually(t, 60*time.Second, func() string { return r.lag("cases") })
 	if n := r.errorRows("cases"); n != 0 {
 		t.Fatalf("%d error rows", n)
 	}
@@ -64,7 +66,7 @@ func TestPillowKillNineAndSIGTERM(t *testing.T) {
 	more, final2 := pillowHistory("late", 30, 1, 0, 100000)
 	r.apply(final2)
 	r.produce(more...)
-	pillowEventually(t, 60*time.Second, func() string { return pillowDiff(r.source(), r.sink("cases")) })
+	testenv.Eventually(t, 60*time.Second, func() string { return testenv.DiffStates(r.source(), r.sink("cases")) })
 	if r.lag("cases") == "" {
 		t.Fatal("offsets committed before shutdown although --commit-interval is 1h")
 	}
@@ -86,7 +88,7 @@ func TestPillowSinkDownTenSeconds(t *testing.T) {
 	r.apply(final1)
 	r.produce(first...)
 	p := r.startPillow(file, "--pillow", "cases")
-	pillowEventually(t, 60*time.Second, func() string { return pillowDiff(r.source(), r.sink("cases")) })
+	testenv.Eventually(t, 60*time.Second, func() string { return testenv.DiffStates(r.source(), r.sink("cases")) })
 
 	if err := r.rep.Stop(r.ctx); err != nil {
 		t.Fatal(err)
@@ -111,7 +113,7 @@ func TestPillowSinkDownTenSeconds(t *testing.T) {
 	if err := r.rep.Start(r.ctx); err != nil {
 		t.Fatal(err)
 	}
-	pillowEventually(t, 60*time.Second, func() string { return pillowDiff(r.source(), r.sink("cases")) })
+	testenv.Eventually(t, 60*time.Second, func() string { return testenv.DiffStates(r.source(), r.sink("cases")) })
 	if n := r.errorRows("cases"); n != 0 {
 		t.Fatalf("%d error rows after the outage", n)
 	}
@@ -133,7 +135,7 @@ func TestPillowOffsetOutOfRangeExits(t *testing.T) {
 	r.apply(final)
 	r.produce(first...)
 	p := r.startPillow(file, "--pillow", "cases")
-	pillowEventually(t, 60*time.Second, func() string { return pillowDiff(r.source(), r.sink("cases")) })
+	testenv.Eventually(t, 60*time.Second, func() string { return testenv.DiffStates(r.source(), r.sink("cases")) })
 	p.signal(t, syscall.SIGTERM)
 	if code := p.wait(t, 30*time.Second); code != 0 {
 		t.Fatalf("exit code = %d", code)
@@ -174,10 +176,10 @@ func TestPillowCheckpointCopyAndMerge(t *testing.T) {
 		t.Fatalf("list: code %d\n%s", code, out)
 	}
 	p := r.startPillow(file, "--pillow", "old")
-	pillowEventually(t, 60*time.Second, func() string { return pillowDiff(r.source(), r.sink("old")) })
+	testenv.Eventually(t, 60*time.Second, func() string { return testenv.DiffStates(r.source(), r.sink("old")) })
 	// Operations endpoints.
 	base := "http://" + p.httpAddr(t)
-	pillowEventually(t, 20*time.Second, func() string { return httpCheck(base+"/readyz", "ready") })
+	testenv.Eventually(t, 20*time.Second, func() string { return httpCheck(base+"/readyz", "ready") })
 	if msg := httpCheck(base+"/healthz", "ok"); msg != "" {
 		t.Fatal(msg)
 	}
@@ -214,12 +216,12 @@ func TestPillowCheckpointCopyAndMerge(t *testing.T) {
 		want[id] = c.name
 	}
 	// Exactly the changes after the copy point: none of the first batch.
-	pillowEventually(t, 60*time.Second, func() string { return pillowDiff(want, r.sink("new")) })
+	testenv.Eventually(t, 60*time.Second, func() string { return testenv.DiffStates(want, r.sink("new")) })
 	p.signal(t, syscall.SIGTERM)
 	if code := p.wait(t, 30*time.Second); code != 0 {
 		t.Fatalf("exit code = %d", code)
 	}
-	if d := pillowDiff(want, r.sink("new")); d != "" {
+	if d := testenv.DiffStates(want, r.sink("new")); d != "" {
 		t.Fatalf("new pillow: %s", d)
 	}
 

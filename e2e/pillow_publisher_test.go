@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/changefeed/changefeed/internal/testenv"
 )
 
 var (
@@ -89,16 +91,16 @@ func TestPillowPublisherToReportingTable(t *testing.T) {
 		r.exec(r.srcPool, `INSERT INTO cases (id, doc_type, domain, name, n) VALUES ($1, 'case', 'demo', $2, $3)`,
 			fmt.Sprintf("c-%02d", i), fmt.Sprintf("first %d", i), i)
 	}
-	pillowEventually(t, 60*time.Second, func() string { return pillowDiff(r.source(), r.sink("cases")) })
+	testenv.Eventually(t, 60*time.Second, func() string { return testenv.DiffStates(r.source(), r.sink("cases")) })
 
 	r.exec(r.srcPool, `UPDATE cases SET name = 'updated ' || id WHERE n % 3 = 0`)
 	r.exec(r.srcPool, `DELETE FROM cases WHERE n % 7 = 1`)
 	r.exec(r.srcPool, `BEGIN; UPDATE cases SET name = 'tx-a' WHERE id = 'c-02'; UPDATE cases SET name = 'tx-b' WHERE id = 'c-02'; COMMIT`)
-	pillowEventually(t, 60*time.Second, func() string {
+	testenv.Eventually(t, 60*time.Second, func() string {
 		src := r.source()
 		if src["c-03"] != "updated c-03" || src["c-02"] != "tx-b" {
 			return "source not as expected"
 		}
-		return pillowDiff(src, r.sink("cases"))
+		return testenv.DiffStates(src, r.sink("cases"))
 	})
 }

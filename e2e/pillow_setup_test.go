@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -241,7 +240,7 @@ func tail(s string, n int) string {
 // waitLog waits until the process logged s (e.g. "partitions assigned").
 func (p *pillowProc) waitLog(t *testing.T, s string) {
 	t.Helper()
-	pillowEventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		if strings.Contains(p.output(), s) {
 			return ""
 		}
@@ -397,41 +396,6 @@ func (r *pillowRig) source() map[string]string {
 
 func (r *pillowRig) sink(name string) map[string]string {
 	return r.state(r.repPool, fmt.Sprintf(`SELECT doc_id, name FROM rep_%s_live`, strings.ReplaceAll(name, "-", "_")))
-}
-
-func pillowDiff(want, got map[string]string) string {
-	var out []string
-	for k, v := range want {
-		if g, ok := got[k]; !ok {
-			out = append(out, fmt.Sprintf("missing %s=%q", k, v))
-		} else if g != v {
-			out = append(out, fmt.Sprintf("%s: got %q want %q", k, g, v))
-		}
-	}
-	for k, v := range got {
-		if _, ok := want[k]; !ok {
-			out = append(out, fmt.Sprintf("extra %s=%q", k, v))
-		}
-	}
-	sort.Strings(out)
-	if len(out) > 5 {
-		out = append(out[:5], fmt.Sprintf("… %d differences", len(out)))
-	}
-	return strings.Join(out, "; ")
-}
-
-// pillowEventually polls cond every 100ms until it returns "" or timeout.
-func pillowEventually(t *testing.T, timeout time.Duration, cond func() string) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	last := ""
-	for time.Now().Before(deadline) {
-		if last = cond(); last == "" {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("condition not met within %s: %s", timeout, last)
 }
 
 func (r *pillowRig) errorRows(pillow string) int {

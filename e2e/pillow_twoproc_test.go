@@ -14,6 +14,7 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/changefeed/changefeed/internal/testenv"
 	"github.com/changefeed/changefeed/stub"
 )
 
@@ -33,7 +34,7 @@ func TestPillowTwoProcesses(t *testing.T) {
 
 	p1 := r.startPillow(file, "--pillow", "cases")
 	pillowTwoProcWaitAssigned(t, p1, 1)
-	pillowEventually(t, 20*time.Second, func() string {
+	testenv.Eventually(t, 20*time.Second, func() string {
 		if len(r.sink("cases")) == 0 {
 			return "p1 wrote nothing yet"
 		}
@@ -64,8 +65,8 @@ func TestPillowTwoProcesses(t *testing.T) {
 	final := w.stopAndWait(t)
 	t.Logf("writer done: %d changes to %d documents", w.count.Load(), len(final))
 
-	pillowEventually(t, 20*time.Second, func() string { return pillowDiff(r.source(), r.sink("cases")) })
-	pillowEventually(t, 20*time.Second, func() string { return r.lag("cases") })
+	testenv.Eventually(t, 20*time.Second, func() string { return testenv.DiffStates(r.source(), r.sink("cases")) })
+	testenv.Eventually(t, 20*time.Second, func() string { return r.lag("cases") })
 
 	samples, violations := mon.stopAndWait()
 	if len(violations) > 0 {
@@ -81,7 +82,7 @@ func TestPillowTwoProcesses(t *testing.T) {
 	for id, c := range final {
 		want[id] = fmt.Sprintf("%d deleted=%t name=%q", c.lsn, c.deleted, pillowTwoProcName(c))
 	}
-	if d := pillowDiff(want, pillowTwoProcStored(r, "rep_cases")); d != "" {
+	if d := testenv.DiffStates(want, pillowTwoProcStored(r, "rep_cases")); d != "" {
 		t.Fatalf("reporting table vs latest versions: %s", d)
 	}
 	if n := r.errorRows("cases"); n != 0 {
@@ -97,7 +98,7 @@ func TestPillowTwoProcesses(t *testing.T) {
 // assignments of the topic's partitions.
 func pillowTwoProcWaitAssigned(t *testing.T, p *pillowProc, n int) {
 	t.Helper()
-	pillowEventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		got := 0
 		for _, line := range strings.Split(p.output(), "\n") {
 			var l struct {

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	neturl "net/url"
 	"os"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -349,45 +348,9 @@ func deref(s *string) string {
 	return *s
 }
 
-// diff describes how two states differ ("" when equal).
-func diff(want, got map[string]string) string {
-	var out []string
-	for k, v := range want {
-		if g, ok := got[k]; !ok {
-			out = append(out, fmt.Sprintf("missing %s=%q", k, v))
-		} else if g != v {
-			out = append(out, fmt.Sprintf("%s: got %q want %q", k, g, v))
-		}
-	}
-	for k, v := range got {
-		if _, ok := want[k]; !ok {
-			out = append(out, fmt.Sprintf("extra %s=%q", k, v))
-		}
-	}
-	sort.Strings(out)
-	if len(out) > 5 {
-		out = append(out[:5], fmt.Sprintf("… %d differences", len(out)))
-	}
-	return strings.Join(out, "; ")
-}
-
-// eventually polls cond every 50ms until it returns "" or timeout passes.
-func eventually(t *testing.T, timeout time.Duration, cond func() string) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	last := ""
-	for time.Now().Before(deadline) {
-		if last = cond(); last == "" {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("condition not met within %s: %s", timeout, last)
-}
-
 func (e *env) sinkEqualsSource(timeout time.Duration) {
 	e.t.Helper()
-	eventually(e.t, timeout, func() string { return diff(e.sourceState(), e.sinkState()) })
+	testenv.Eventually(e.t, timeout, func() string { return testenv.DiffStates(e.sourceState(), e.sinkState()) })
 }
 
 // history builds n documents with versions 1..v each; some end deleted.
@@ -468,7 +431,7 @@ func testLogLevel() slog.Level {
 func (e *env) waitMembers(group string, n int) {
 	e.t.Helper()
 	adm := kadm.NewClient(e.prod)
-	eventually(e.t, 30*time.Second, func() string {
+	testenv.Eventually(e.t, 30*time.Second, func() string {
 		ds, err := adm.DescribeGroups(e.ctx, group)
 		if err != nil {
 			return err.Error()

@@ -96,15 +96,15 @@ func TestPoisonDocumentRetriedThenDead(t *testing.T) {
 	e.start(r, p)
 
 	// The others are unaffected.
-	eventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		want := e.sourceState()
 		delete(want, "doc-007")
 		delete(want, "doc-013")
-		return diff(want, e.sinkState())
+		return testenv.DiffStates(want, e.sinkState())
 	})
 	// Both go dead after 3 attempts; attempts are spaced by the backoff
 	// (0.4·1² then 0.4·2² seconds).
-	eventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		rows := e.errorRows("poison")
 		if len(rows) != 2 {
 			return "want 2 error rows"
@@ -152,7 +152,7 @@ func TestPoisonDocumentRetriedThenDead(t *testing.T) {
 	sink.poison.Delete("doc-007")
 	e.exec(`UPDATE src SET name = 'fixed' WHERE id = 'doc-007'`)
 	e.produce(change{id: "doc-007", lsn: 10000, name: "fixed"})
-	eventually(t, 20*time.Second, func() string {
+	testenv.Eventually(t, 20*time.Second, func() string {
 		if e.sinkState()["doc-007"] != "fixed" {
 			return "doc-007 not fixed in the sink"
 		}
@@ -178,7 +178,7 @@ func TestTransientFailurePausesWithoutErrorRows(t *testing.T) {
 	m, _ := pillows.NewMetrics(reg)
 	r := e.runner(func(o *pillows.Options) { o.Metrics = m })
 	e.start(r, e.pillow("transient", sink))
-	eventually(t, 20*time.Second, func() string {
+	testenv.Eventually(t, 20*time.Second, func() string {
 		if metricValue(t, reg, "changefeed_pillow_transient_errors_total", "pillow", "transient") < 3 {
 			return "fewer than 3 transient retries"
 		}
@@ -210,7 +210,7 @@ func TestSecondWorkerJoinsAndLeaves(t *testing.T) {
 
 	rA := e.runner()
 	e.start(rA, e.pillow("shared", sinkA))
-	eventually(t, 20*time.Second, func() string {
+	testenv.Eventually(t, 20*time.Second, func() string {
 		if sinkA.writes.Load() == 0 {
 			return "worker A wrote nothing"
 		}
@@ -220,7 +220,7 @@ func TestSecondWorkerJoinsAndLeaves(t *testing.T) {
 	runB := e.start(rB, e.pillow("shared", sinkB))
 	e.waitMembers("shared", 2)
 	e.produce(all[third : 2*third]...)
-	eventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		if sinkB.writes.Load() == 0 {
 			return "worker B got no partition"
 		}
@@ -360,7 +360,7 @@ func TestErrorsTableDownIsTransient(t *testing.T) {
 	m, _ := pillows.NewMetrics(reg)
 	r := e.runner(func(o *pillows.Options) { o.Metrics = m; o.Errors = pillows.NewErrorLog(errPool) })
 	e.start(r, e.pillow("errdown", sink))
-	eventually(t, 20*time.Second, func() string {
+	testenv.Eventually(t, 20*time.Second, func() string {
 		if metricValue(t, reg, "changefeed_pillow_transient_errors_total", "pillow", "errdown") < 2 {
 			return "no transient retries while the errors table is down"
 		}
@@ -376,13 +376,13 @@ func TestErrorsTableDownIsTransient(t *testing.T) {
 	if err := errPG.Start(e.ctx); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		rows, err := pillows.NewErrorLog(errPool).Rows(e.ctx, "errdown")
 		if err != nil || len(rows) != 1 || rows[0].DocumentID != "doc-004" {
 			return fmt.Sprintf("error rows = %v, %v", rows, err)
 		}
 		want := e.sourceState()
 		delete(want, "doc-004")
-		return diff(want, e.sinkState())
+		return testenv.DiffStates(want, e.sinkState())
 	})
 }

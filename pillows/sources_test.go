@@ -14,6 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/changefeed/changefeed/doc"
+	"github.com/changefeed/changefeed/internal/testenv"
 	"github.com/changefeed/changefeed/pillows"
 	"github.com/changefeed/changefeed/stub"
 )
@@ -154,7 +155,7 @@ func TestSameIDFromSeveralSources(t *testing.T) {
 	e.start(e.runner(), p)
 
 	sqlV1 := sqlStub(101).SQLVersion().String()
-	eventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		switch {
 		case !proc.processed(sqlK, sqlV1):
 			return "sql copy not processed"
@@ -186,7 +187,7 @@ func TestSameIDFromSeveralSources(t *testing.T) {
 	e.exec(`UPDATE src SET name = 'sql copy 2', n = 2 WHERE id = $1`, id)
 	e.produceStubs(sqlStub(202), couchStub("hq2", "2-c"))
 	sqlV2 := sqlStub(202).SQLVersion().String()
-	eventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		if !proc.processed(sqlK, sqlV2) || !proc.processed(other, "2-c") {
 			return "new versions of the other copies not processed"
 		}
@@ -197,7 +198,7 @@ func TestSameIDFromSeveralSources(t *testing.T) {
 		t.Fatalf("after the other copies succeeded again: rows %s, want the live couch/hq row", describeRows(rows))
 	}
 	before := rows[0].Attempts
-	eventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		rows := e.errorRows("sources")
 		if len(rows) != 1 || rows[0].Attempts <= before {
 			return "couch/hq row not retried further: " + describeRows(rows)
@@ -208,7 +209,7 @@ func TestSameIDFromSeveralSources(t *testing.T) {
 	// The fault is gone: the retry processes the couch/hq copy itself and
 	// resolves its row.
 	proc.setPoison(bad, false)
-	eventually(t, 30*time.Second, func() string {
+	testenv.Eventually(t, 30*time.Second, func() string {
 		if !proc.processed(bad, "1-a") {
 			return "couch/hq copy not processed on retry"
 		}

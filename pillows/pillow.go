@@ -83,19 +83,37 @@ type Filter struct {
 
 // Match reports whether s passes the filter.
 //
-// A deletion stub whose domain is empty passes a domain filter: a DELETE
-// carries only the table's replica identity, so the publisher cannot always
-// name the domain of a deleted row. Dropping it would leave the deleted
-// document in the sinks forever; passing it costs one fetch that finds the
-// document gone.
+// A filter must never drop the deletion of a document the pillow's sinks
+// may hold, or that document stays live in them forever:
+//   - A type is matched by its base type too (stub.BaseType): HQ
+//     soft-deletes a CommCareCase by renaming it "CommCareCase-Deleted", and
+//     that stub is the case's deletion.
+//   - A deletion of type "Unknown" (a Couch tombstone whose previous
+//     revision, and so its type, is gone) passes every type filter: it may
+//     be of any type. Such stubs go to the routing's default topic, so a
+//     pillow that filters by type reaches them only if it consumes that
+//     topic too.
+//   - A deletion stub whose domain is empty passes a domain filter: a DELETE
+//     carries only the table's replica identity, so the publisher cannot
+//     always name the domain of a deleted row.
+//
+// Passing a deletion the pillow never held costs one fetch that finds the
+// document gone, and a tombstone in the sink.
 func (f Filter) Match(s *stub.Stub) bool {
-	if len(f.DocumentTypes) > 0 && !slices.Contains(f.DocumentTypes, s.DocumentType) {
+	if len(f.DocumentTypes) > 0 && !f.matchType(s) {
 		return false
 	}
 	if len(f.Domains) > 0 && !slices.Contains(f.Domains, s.Domain) && !(s.IsDeletion && s.Domain == "") {
 		return false
 	}
 	return true
+}
+
+func (f Filter) matchType(s *stub.Stub) bool {
+	if slices.Contains(f.DocumentTypes, s.DocumentType) || slices.Contains(f.DocumentTypes, s.BaseType()) {
+		return true
+	}
+	return s.IsDeletion && s.DocumentType == stub.UnknownDocType
 }
 
 // Batching bounds a batch (HQ's BulkPillowProcessor chunk).
@@ -140,9 +158,12 @@ func (r Retry) Backoff(n int) time.Duration {
 type Pillow struct {
 	Name   string
 	Topics []string
-	// Group is the Kafka consumer group; default Name. Pillows sharing
-	// a group share its committed offsets (see pillows/checkpoints to
-	// split or merge them).
+	// Group is the Kafka consumer group; default Name. Every pillow has a
+	// group of its own: two pillows in one group would split its
+	// partitions between them (each would see only part of the stubs), so
+	// Runner.Run and pillowconf refuse a group used twice. To move a pillow
+	// to another group without replaying from the start, copy its offsets
+	// with pillows/checkpoints.
 	Group      string
 	Filter     Filter
 	Processors []Processor

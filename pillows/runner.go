@@ -126,6 +126,7 @@ func (r *Runner) Run(ctx context.Context, ps ...*Pillow) error {
 		return errors.New("pillows: nothing to run")
 	}
 	names := map[string]bool{}
+	groups := map[string]string{}
 	for _, p := range ps {
 		if err := p.Validate(); err != nil {
 			return err
@@ -134,6 +135,12 @@ func (r *Runner) Run(ctx context.Context, ps ...*Pillow) error {
 			return fmt.Errorf("%w: pillow %s: name: defined twice", ErrDefinition, p.Name)
 		}
 		names[p.Name] = true
+		// Two pillows in one group would split its partitions: each would
+		// see only part of the stubs and commit past the rest.
+		if other, ok := groups[p.Group]; ok {
+			return fmt.Errorf("%w: pillow %s: group: consumer group %q is already pillow %s's (a group serves one pillow)", ErrDefinition, p.Name, p.Group, other)
+		}
+		groups[p.Group] = p.Name
 	}
 	for _, p := range ps {
 		for _, pr := range p.Processors {

@@ -113,6 +113,48 @@ func TestFilter(t *testing.T) {
 	}
 }
 
+// A type filter passes the deletions of its types: a soft delete by its
+// base type, and a deletion of unknown type whatever the filter.
+func TestFilterDeletions(t *testing.T) {
+	f := Filter{DocumentTypes: []string{"CommCareCase"}}
+	for _, tt := range []struct {
+		typ      string
+		deletion bool
+		want     bool
+	}{
+		{"CommCareCase", false, true},
+		{"CommCareCase-Deleted", true, true},
+		{"CommCareCase-Deleted", false, true}, // a soft delete published without is_deletion
+		{"Unknown", true, true},
+		{"Unknown", false, false},
+		{"XFormInstance-Deleted", true, false},
+		{"CommCareCase-Deleted-Deleted", true, false},
+	} {
+		s := couchStub("a", "2-x")
+		s.DocumentType, s.IsDeletion = tt.typ, tt.deletion
+		if got := f.Match(s); got != tt.want {
+			t.Errorf("%s (deletion %v): Match = %v, want %v", tt.typ, tt.deletion, got, tt.want)
+		}
+	}
+}
+
+// Two pillows in one consumer group would split its partitions: Run
+// refuses them before connecting anywhere.
+func TestRunRefusesSharedGroup(t *testing.T) {
+	r, err := NewRunner(Options{Errors: NewErrorLog(nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(name, group string) *Pillow {
+		return &Pillow{Name: name, Group: group, Topics: []string{"t"}, Processors: []Processor{proc{"a"}},
+			Stores: map[StoreKey]Store{{Type: stub.SourceSQL}: storeFunc(nil)}}
+	}
+	err = r.Run(t.Context(), mk("cases", ""), mk("cases-2", "cases"))
+	if !errors.Is(err, ErrDefinition) || !strings.Contains(err.Error(), `pillow cases-2: group: consumer group "cases" is already pillow cases's`) {
+		t.Fatalf("err = %v", err)
+	}
+}
+
 type proc struct{ n string }
 
 func (p proc) Name() string                                   { return p.n }

@@ -17,7 +17,7 @@
 //	pillows:
 //	  - name: case-report
 //	    topics: [changes-sql]
-//	    group: case-report             # default: name
+//	    group: case-report             # default: name; one group per pillow
 //	    filter: {document_types: [case], domains: [demo]}
 //	    batch: {max_stubs: 500, max_wait: 100ms}
 //	    retry: {max_attempts: 5, backoff: 5m, interval: 30s, dead_letter_topic: case-report-dead-letter}
@@ -32,14 +32,18 @@
 //	        options: {template: "…"}
 //
 // ${VAR} is replaced by the environment variable VAR (secrets stay out of
-// the file); $ alone is left as it is. Unknown keys are errors, and every
-// error names the pillow and the field.
+// the file); $ alone is left as it is. A value that is only ${VAR} takes the
+// type of what VAR holds, so numbers and booleans can come from the
+// environment too (max_stubs: ${MAX_STUBS}). Unknown keys are errors, a
+// second YAML document in the file is an error, and every error names the
+// pillow and the field.
 package pillowconf
 
 import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"regexp"
 	"strings"
 	"time"
@@ -179,14 +183,25 @@ var envRE = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
 // is unset is an error.
 func Parse(data []byte, getenv func(string) string) (*File, error) {
 	var root yaml.Node
-	if err := yaml.Unmarshal(data, &root); err != nil {
+	in := yaml.NewDecoder(bytes.NewReader(data))
+	if err := in.Decode(&root); err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	// A second document ("---" and more) would be ignored silently: a
+	// pillow appended after a separator would never run.
+	var extra yaml.Node
+	if err := in.Decode(&extra); !errors.Is(err, io.EOF) {
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+		}
+		return nil, fmt.Errorf("%w: line %d: a second YAML document; put every store and pillow in one document", ErrConfig, extra.Line)
 	}
 	// Expand ${VAR} in scalar values only (not in comments or keys).
 	var missing []string
 	var walk func(n *yaml.Node)
 	walk = func(n *yaml.Node) {
-		if n.Kind == yaml.ScalarNode {
+		if n.Kind == yaml.ScalarNode && envRE.MatchString(n.Value) {
+			whole := envRE.FindString(n.Value) == n.Value
 			n.Value = envRE.ReplaceAllStringFunc(n.Value, func(m string) string {
 				name := envRE.FindStringSubmatch(m)[1]
 				v := getenv(name)
@@ -195,6 +210,9 @@ func Parse(data []byte, getenv func(string) string) (*File, error) {
 				}
 				return v
 			})
+			if whole {
+				retag(n)
+			}
 		}
 		for i, c := range n.Content {
 			if n.Kind == yaml.MappingNode && i%2 == 0 {
@@ -221,6 +239,25 @@ func Parse(data []byte, getenv func(string) string) (*File, error) {
 		return nil, err
 	}
 	return &f, nil
+}
+
+// retag gives a scalar that was exactly ${VAR} the tag of the value VAR
+// holds when that is a number or a boolean, so that it decodes into a
+// numeric or boolean field; a string field still takes it as its text.
+// Anything else stays a string (never null: an empty variable is an error).
+func retag(n *yaml.Node) {
+	var v yaml.Node
+	if err := yaml.Unmarshal([]byte(n.Value), &v); err != nil || len(v.Content) != 1 {
+		return
+	}
+	c := v.Content[0]
+	if c.Kind != yaml.ScalarNode || c.Value != n.Value {
+		return
+	}
+	switch c.ShortTag() {
+	case "!!int", "!!float", "!!bool":
+		n.Tag, n.Style = c.ShortTag(), 0
+	}
 }
 
 func perr(pillow, field, format string, args ...any) error {
@@ -277,6 +314,7 @@ func (f *File) Validate() error {
 		return fmt.Errorf("%w: pillows: at least one pillow", ErrConfig)
 	}
 	names := map[string]bool{}
+	groups := map[string]string{}
 	for i, p := range f.Pillows {
 		name := p.Name
 		if name == "" {
@@ -286,6 +324,16 @@ func (f *File) Validate() error {
 			return perr(name, "name", "defined twice")
 		}
 		names[name] = true
+		// A consumer group serves one pillow: two pillows in one group
+		// would split its partitions, each seeing part of the stubs.
+		group := p.Group
+		if group == "" {
+			group = name
+		}
+		if other, ok := groups[group]; ok {
+			return perr(name, "group", "consumer group %q is already pillow %s's (a group serves one pillow; copy offsets to a new group with pillow checkpoints)", group, other)
+		}
+		groups[group] = name
 		if len(p.Topics) == 0 {
 			return perr(name, "topics", "at least one topic")
 		}

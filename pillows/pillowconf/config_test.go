@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/changefeed/changefeed/doc"
 	"github.com/changefeed/changefeed/pillows"
@@ -62,10 +63,16 @@ pillows:
 		{"bad duration", "  - name: p1\n    topics: [t]\n    batch: {max_wait: soon}\n    processors: [{custom: x}]\n", "soon"},
 		{"negative", "  - name: p1\n    topics: [t]\n    retry: {max_attempts: -1}\n    processors: [{custom: x}]\n", "pillow p1: retry.max_attempts"},
 		{"missing env", "  - name: p1\n    topics: [\"${NOPE}\"]\n    processors: [{custom: x}]\n", "NOPE"},
+		// Two pillows in one consumer group would split its partitions.
+		{"shared group", "  - name: p1\n    topics: [t]\n    processors: [{custom: x}]\n  - name: p2\n    group: p1\n    topics: [u]\n    processors: [{custom: x}]\n", `pillow p2: group: consumer group "p1" is already pillow p1's`},
+		{"shared explicit group", "  - name: p1\n    group: g\n    topics: [t]\n    processors: [{custom: x}]\n  - name: p2\n    group: g\n    topics: [t]\n    processors: [{custom: x}]\n", `pillow p2: group: consumer group "g"`},
+		// A second document would otherwise be ignored silently.
+		{"second document", "  - name: p1\n    topics: [t]\n    processors: [{custom: x}]\n---\npillows:\n  - name: p2\n    topics: [t]\n    processors: [{custom: x}]\n", "line 9: a second YAML document"},
+		{"env not a number", "  - name: p1\n    topics: [t]\n    batch:\n      max_stubs: ${N}\n    processors: [{custom: x}]\n", "cannot unmarshal !!str `many`"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := Parse([]byte(base+tt.yaml), env(nil))
+			_, err := Parse([]byte(base+tt.yaml), env(map[string]string{"N": "many"}))
 			if err == nil || !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("err = %v, want %q", err, tt.want)
 			}
@@ -74,6 +81,41 @@ pillows:
 	dup := "stores:\n  postgres:\n    - url: x\n      tables: [{source: a, table: a, id_column: id}, {source: a, table: b, id_column: id}]\npillows: [{name: p, topics: [t], processors: [{custom: x}]}]\n"
 	if _, err := Parse([]byte(dup), env(nil)); err == nil || !strings.Contains(err.Error(), "stores.postgres[0].tables[1].source") {
 		t.Fatalf("duplicate source: %v", err)
+	}
+}
+
+// ${VAR} works in numeric and boolean fields; string fields keep the text
+// of a number as it is.
+func TestParseEnvTypes(t *testing.T) {
+	yml := `stores:
+  postgres:
+    - url: ${URL}
+      tables: [{source: cases, table: cases, id_column: id}]
+pillows:
+  - name: p1
+    topics: [t]
+    dedup_size: ${DEDUP}
+    batch:
+      max_stubs: ${MAX}
+      max_wait: ${WAIT}
+    retry: {max_attempts: "${ATTEMPTS}", dead_letter_topic: "${DLT}"}
+    processors:
+      - elasticsearch:
+          urls: [http://x]
+          index: i
+          password: ${PW}
+          refresh: ${REFRESH}
+`
+	f, err := Parse([]byte(yml), env(map[string]string{"URL": "postgres://x", "DEDUP": "1000", "MAX": "250", "WAIT": "50ms",
+		"ATTEMPTS": "7", "DLT": "0012", "PW": "12345", "REFRESH": "true"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := f.Pillows[0]
+	es := p.Processors[0].Elasticsearch
+	if p.DedupSize != 1000 || p.Batch.MaxStubs != 250 || p.Batch.MaxWait != Duration(50*time.Millisecond) ||
+		p.Retry.MaxAttempts != 7 || p.Retry.DeadLetterTopic != "0012" || es.Password != "12345" || !es.Refresh {
+		t.Fatalf("pillow = %+v, es = %+v", p, es)
 	}
 }
 

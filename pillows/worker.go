@@ -205,12 +205,13 @@ func (w *worker) process(recs []*kgo.Record) bool {
 	stubs := make([]*stub.Stub, 0, len(recs)) // one per document, in order of first appearance
 	index := make(map[docKey]int, len(recs))  // where each document is in stubs
 	var lastPublished time.Time
+	var bad []invalidRecord // to the dead-letter topic before the mark
 	dups := 0
 	for _, r := range recs {
-		s, err := stub.Unmarshal(r.Value)
+		s, err := decodeStub(r.Value)
 		if err != nil {
 			m.skipped.WithLabelValues(p.Name, "invalid").Inc()
-			w.log.Warn("skipping invalid stub", "offset", r.Offset, "err", err)
+			bad = append(bad, invalidRecord{r, err})
 			continue
 		}
 		if s.PublishTimestamp.After(lastPublished) {
@@ -284,6 +285,9 @@ func (w *worker) process(recs []*kgo.Record) bool {
 		w.setTransient(false)
 	}
 
+	if len(bad) > 0 && !w.sendInvalid(bad) {
+		return false
+	}
 	last := recs[len(recs)-1]
 	if !w.mark(last) {
 		return false

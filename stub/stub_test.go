@@ -185,3 +185,23 @@ func BenchmarkUnmarshal(b *testing.B) {
 		}
 	})
 }
+
+// A SQL stub without a commit LSN cannot be ordered; Validate still takes
+// it (the application writes stubs before the publisher assigns the LSN).
+func TestValidateVersion(t *testing.T) {
+	s := &Stub{DocumentID: "a", DataSourceType: SourceSQL, DataSourceName: "t", DocumentType: "case"}
+	if err := s.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ValidateVersion(); !errors.Is(err, ErrNoVersion) || !errors.Is(err, ErrInvalid) {
+		t.Fatalf("no lsn: %v", err)
+	}
+	s.LSN = 1
+	if err := s.ValidateVersion(); err != nil {
+		t.Fatal(err)
+	}
+	c := &Stub{DocumentID: "a", DataSourceType: SourceCouch, DataSourceName: "db", DocumentType: "case-Deleted"}
+	if err := c.ValidateVersion(); err != nil || c.BaseType() != "case" {
+		t.Fatalf("couch: %v, base type %q", err, c.BaseType())
+	}
+}

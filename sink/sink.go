@@ -17,6 +17,15 @@
 //     one, or a revision unrelated to it (the fetched current winner, which
 //     can have a lower generation after a conflict winner was deleted), is
 //     overwritten. See Refuses.
+//   - One document id can come from two sources (HQ's Couch→SQL migration
+//     keeps ids), and a reporting table or index holds one row per id for its
+//     readers. Across kinds the rule is the migration's direction: a SQL
+//     version is newer than any Couch revision. A SQL write replaces a Couch
+//     row; a Couch write never replaces a row written from SQL (live or
+//     deleted), so a replayed or late Couch stub cannot bring back the state
+//     from before the migration. Two SQL sources of one id compare by
+//     version (so they must be tables of one database); two Couch databases
+//     by revision. See Newer.
 //   - Write returns nil, an error wrapping doc.ErrTransient (the sink itself
 //     failed; retry the whole batch later), or doc.Errors (those documents
 //     failed on their own; every other document of the batch was written or
@@ -69,11 +78,9 @@ func Refuses(storedPath []string, rev stub.Rev) bool {
 	return slices.Contains(storedPath, rev.String())
 }
 
-// Newest collapses a batch to one document per id, keeping the newest, in the
-// order of each id's first appearance. SQL versions compare by order; of two
-// Couch revisions the one whose path contains the other wins, and otherwise
-// (unrelated, or the two kinds mixed) the later one in the batch wins, as the
-// more recently fetched. A batch without duplicates is returned as is.
+// Newest collapses a batch to one document per id, keeping the newest by
+// Newer, in the order of each id's first appearance. A batch without
+// duplicates is returned as is.
 func Newest(docs []*doc.Document) []*doc.Document {
 	pos := make(map[string]int, len(docs))
 	var out []*doc.Document
@@ -91,7 +98,7 @@ func Newest(docs []*doc.Document) []*doc.Document {
 		if out == nil {
 			out = slices.Clone(docs[:i])
 		}
-		if newer(d, out[j]) {
+		if Newer(d, out[j]) {
 			out[j] = d
 		}
 	}
@@ -101,8 +108,13 @@ func Newest(docs []*doc.Document) []*doc.Document {
 	return out
 }
 
-// newer reports whether b, seen after a in the batch, replaces a.
-func newer(b, a *doc.Document) bool {
+// Newer reports whether b, seen after a (in a batch, or written after it),
+// replaces a of the same id. SQL versions compare by order. Of two Couch
+// revisions the one whose path contains the other wins, and otherwise
+// (unrelated) the later one, as the more recently fetched. A SQL version
+// always replaces a Couch revision and is never replaced by one, whatever
+// the order (the Couch→SQL migration rule in the package comment).
+func Newer(b, a *doc.Document) bool {
 	bc, ac := IsCouch(b), IsCouch(a)
 	switch {
 	case !bc && !ac:
@@ -110,6 +122,6 @@ func newer(b, a *doc.Document) bool {
 	case bc && ac:
 		return !Refuses(RevPath(a.Version), b.Version.Rev) || b.Version.Rev == a.Version.Rev
 	default:
-		return true
+		return !bc
 	}
 }

@@ -85,7 +85,9 @@ func TestNewest(t *testing.T) {
 			"a@3-c b@2-b"},
 		{"couch unrelated: later wins",
 			[]*doc.Document{couch("a", false, 5, "e", "d"), couch("a", false, 3, "x", "b")}, "a@3-x"},
-		{"mixed kinds: later wins", []*doc.Document{sql("a", 9, 0), couch("a", false, 1, "a")}, "a@1-a"},
+		// The Couch→SQL migration rule: SQL wins whatever the order.
+		{"mixed kinds: SQL wins after", []*doc.Document{couch("a", false, 1, "a"), sql("a", 9, 0)}, "a@0/9#0"},
+		{"mixed kinds: SQL wins before", []*doc.Document{sql("a", 9, 0), couch("a", false, 1, "a")}, "a@0/9#0"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -17,13 +17,19 @@
 // that commit or a later one — a later commit brings its own stub with a
 // greater LSN. Why external and not external_gte: a re-delivered stub with
 // the same LSN is then a cheap no-op, as the SQL sink's strict comparison
-// makes it. A deletion is a delete with the same external version:
-// Elasticsearch keeps the deleted document's version for index.gc_deletes
-// (60 s by default), and within that window a late older write is refused;
-// after it, a write older than the deletion that was fetched before it and
-// delayed longer than gc_deletes could recreate the document. Raise
-// index.gc_deletes in the index settings (Config.Mapping may carry them) if
-// writers can stall longer than that.
+// makes it. A deletion is a tombstone document, {"changefeed": {"deleted":
+// true}}, indexed with the same external version, not a delete:
+// Elasticsearch forgets a deleted document's version after
+// index.gc_deletes (60 s by default), after which a late older write, or a
+// Couch copy of the same id, could recreate the document.
+//
+// One id from two sources (HQ's Couch→SQL migration keeps ids): the SQL copy
+// wins whatever the order (package sink). A SQL write's external version is
+// above any internal version a Couch write left; a Couch write is refused
+// when the stored document has no "changefeed.rev_path", which every Couch
+// write stores and no SQL write does (documents written by earlier versions
+// included). An index is the sink's own: a document put there by other
+// means counts as SQL-held.
 //
 // Couch documents — optimistic concurrency on the stored revision path.
 // Revisions have no monotonic number (a deleted conflict winner can leave a
@@ -426,13 +432,12 @@ func (s *Sink) sqlOp(d *doc.Document) (op, error) {
 	if v > math.MaxInt64-1 {
 		return op{}, fmt.Errorf("essink: LSN %s is beyond Elasticsearch's version range", d.Version.SQL.CommitLSN)
 	}
-	o := op{d: d, meta: map[string]any{"_index": s.cfg.Index, "_id": d.ID, "version": v, "version_type": "external"}}
-	if d.Deleted {
-		o.action = "delete"
-		return o, nil
-	}
-	o.action = "index"
+	o := op{d: d, action: "index", meta: map[string]any{"_index": s.cfg.Index, "_id": d.ID, "version": v, "version_type": "external"}}
 	var err error
+	if d.Deleted {
+		o.source, err = json.Marshal(map[string]any{MetaField: map[string]any{"deleted": true}})
+		return o, err
+	}
 	o.source, err = source(d, nil)
 	return o, err
 }
@@ -443,12 +448,14 @@ type stored struct {
 	seqNo       int64
 	primaryTerm int64
 	revPath     []string
+	// sql: written from SQL (no rev_path, which every Couch write stores).
+	sql bool
 }
 
 // couchOp decides a Couch document against what is stored: skip (refused,
 // a no-op) or an op conditioned on the stored state.
 func (s *Sink) couchOp(d *doc.Document, st stored) (op, bool, error) {
-	if st.found && sink.Refuses(st.revPath, d.Version.Rev) {
+	if st.found && (st.sql || sink.Refuses(st.revPath, d.Version.Rev)) {
 		return op{}, true, nil
 	}
 	path := sink.RevPath(d.Version)
@@ -499,7 +506,7 @@ func (s *Sink) mget(ctx context.Context, docs []*doc.Document) (map[string]store
 			Error       *esError `json:"error"`
 			Source      struct {
 				Meta struct {
-					RevPath []string `json:"rev_path"`
+					RevPath *[]string `json:"rev_path"`
 				} `json:"changefeed"`
 			} `json:"_source"`
 		} `json:"docs"`
@@ -516,7 +523,11 @@ func (s *Sink) mget(ctx context.Context, docs []*doc.Document) (map[string]store
 		case d.Error != nil:
 			return nil, s.transient("mget", d.Error)
 		case d.Found:
-			m[d.ID] = stored{found: true, seqNo: d.SeqNo, primaryTerm: d.PrimaryTerm, revPath: d.Source.Meta.RevPath}
+			st := stored{found: true, seqNo: d.SeqNo, primaryTerm: d.PrimaryTerm, sql: d.Source.Meta.RevPath == nil}
+			if p := d.Source.Meta.RevPath; p != nil {
+				st.revPath = *p
+			}
+			m[d.ID] = st
 		}
 	}
 	return m, nil

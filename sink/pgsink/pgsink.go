@@ -23,7 +23,12 @@
 // documents (version_lsn, version_ordinal) < the write's; for Couch documents
 // the write's revision is not on the stored path. A deletion writes a
 // tombstone row with its version, so a late older write cannot revive it; a
-// newer write replaces the tombstone. Concurrent writers are safe: the
+// newer write replaces the tombstone. Rows are keyed by doc_id alone (what a
+// report's readers join on): when one id comes from a Couch database and a
+// SQL table (HQ's Couch→SQL migration), the SQL copy wins whatever the order
+// — a Couch write never replaces a row holding a SQL version, live or
+// deleted (package sink). Tables created by earlier versions need no change:
+// the kind of a row is told by which version columns it has. Concurrent writers are safe: the
 // condition is evaluated against the row as locked by the upsert, so the
 // newest version wins whatever the commit order.
 //
@@ -166,15 +171,16 @@ func (s *Sink) buildUpsert() string {
 	for _, c := range []string{"deleted", "version_lsn", "version_ordinal", "version_rev", "version_rev_path", "updated_at"} {
 		set = append(set, c+" = excluded."+c)
 	}
-	// A NULL version_rev marks a SQL version. Mixed kinds (a row written
-	// under the other kind) are always replaced.
+	// A NULL version_rev marks a SQL write, a NULL version_lsn a row
+	// written from Couch. Across kinds SQL is newer (package sink): a SQL
+	// write replaces a Couch row, a Couch write never replaces a SQL row.
 	return fmt.Sprintf(`INSERT INTO %s AS t (%s)
 SELECT %s
 FROM unnest(%s) AS u(%s)
 ON CONFLICT (doc_id) DO UPDATE SET %s
 WHERE CASE WHEN excluded.version_rev IS NULL
 	THEN t.version_lsn IS NULL OR (t.version_lsn, t.version_ordinal) < (excluded.version_lsn, excluded.version_ordinal)
-	ELSE t.version_rev_path IS NULL OR NOT (excluded.version_rev = ANY (t.version_rev_path))
+	ELSE t.version_lsn IS NULL AND (t.version_rev_path IS NULL OR NOT (excluded.version_rev = ANY (t.version_rev_path)))
 END`,
 		s.table, strings.Join(cols, ", "), strings.Join(sel, ", "), strings.Join(args, ", "),
 		strings.Join(alias, ", "), strings.Join(set, ", "))

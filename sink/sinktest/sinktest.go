@@ -70,6 +70,7 @@ func Run(t *testing.T, newSink func(t *testing.T) Harness) {
 		{"CouchLowerGenerationWinner", couchLowerGenerationWinner},
 		{"ConcurrentWriters", concurrentWriters},
 		{"PerDocumentError", perDocumentError},
+		{"CouchToSQLMigration", couchToSQLMigration},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -437,4 +438,35 @@ func perDocumentError(t *testing.T, c *check) {
 	c.write(t, s, SQL("bad", 11, 0, false), Couch("badc", false, chain(2)...))
 	c.live(t, "bad", SQLTitle("bad", 11, 0))
 	c.live(t, "badc", CouchTitle("badc", "2-b"))
+}
+
+// couchToSQLMigration: one id from a Couch database and a SQL table (HQ's
+// Couch→SQL migration keeps ids). The sink holds one document per id and
+// the SQL copy wins whatever the order: a replayed or late Couch stub never
+// overwrites the SQL copy, live or deleted, and a batch holding both copies
+// writes the SQL one.
+func couchToSQLMigration(t *testing.T, c *check) {
+	s := c.h.Sink
+	c.write(t, s, Couch("m1", false, chain(2)...))
+	c.live(t, "m1", CouchTitle("m1", "2-b"))
+	c.write(t, s, SQL("m1", 100, 1, false)) // migrated
+	c.live(t, "m1", SQLTitle("m1", 100, 1))
+	c.write(t, s, Couch("m1", false, chain(2)...)) // the old stub replayed
+	c.write(t, s, Couch("m1", false, chain(3)...)) // a revision the sink never saw
+	c.write(t, s, Couch("m1", true, chain(4)...))  // the Couch copy deleted after the migration
+	c.live(t, "m1", SQLTitle("m1", 100, 1))
+
+	// Both copies in one batch, in either order.
+	c.write(t, s, SQL("m2", 200, 1, false), Couch("m2", false, chain(5)...))
+	c.live(t, "m2", SQLTitle("m2", 200, 1))
+	c.write(t, s, Couch("m3", false, chain(5)...), SQL("m3", 200, 1, false))
+	c.live(t, "m3", SQLTitle("m3", 200, 1))
+	c.write(t, s, SQL("m1", 300, 1, false), Couch("m1", false, chain(6)...), SQL("m1", 250, 1, false))
+	c.live(t, "m1", SQLTitle("m1", 300, 1))
+
+	// The SQL copy deleted: a Couch replay does not bring it back.
+	c.write(t, s, SQL("m1", 400, 1, true))
+	c.gone(t, "m1")
+	c.write(t, s, Couch("m1", false, chain(7)...))
+	c.gone(t, "m1")
 }

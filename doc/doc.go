@@ -33,6 +33,12 @@ type Version struct {
 	// lower generation winning): compare by equality and ancestry only.
 	Rev       stub.Rev
 	Revisions stub.Revisions
+	// Row, when the store knows it, names the stored row version that was
+	// read (PostgreSQL: the xmin of the row, the transaction that wrote
+	// it). SQL is the version of the stubs that caused the fetch, and the
+	// state read can be newer than that; Row tells states apart for effects
+	// that must run once per state (pillows.Once). Sinks do not use it.
+	Row string
 }
 
 func (v Version) String() string {

@@ -18,9 +18,11 @@
 //
 // What it does not guarantee: the version a SQL document carries is the
 // highest stub version of the batch, not the version of the state read (a
-// table row has no LSN); the state read can be newer. That is safe: a later
-// stub of the newer change carries its own, higher version, and its fetch
-// returns that state or a newer one.
+// table row has no LSN); the state read can be newer. That is safe for
+// sinks: a later stub of the newer change carries its own, higher version,
+// and its fetch returns that state or a newer one. What was read is named by
+// Version.Row, the row's xmin (the transaction that wrote it; empty for a
+// view), which pillows.Once uses to run an effect once per state read.
 //
 // JSON numbers in bodies are json.Number, never float64, so that a bigint id
 // or a numeric amount survives exactly.

@@ -163,6 +163,7 @@ type pgRow struct {
 	bodyErr     error // the body could not be decoded
 	typ, domain *string
 	softDeleted bool
+	rowVersion  string // xmin: the transaction that wrote the row read
 }
 
 // Fetch returns one document per distinct (data_source_name, document id)
@@ -240,6 +241,7 @@ func (s *Postgres) Fetch(ctx context.Context, stubs []*stub.Stub) ([]*doc.Docume
 		case r == nil:
 			d.Deleted = true
 		default:
+			d.Version.Row = r.rowVersion
 			if r.typ != nil && *r.typ != "" {
 				d.Type = *r.typ
 			}
@@ -308,17 +310,17 @@ func (t *pgTable) read(ctx context.Context, pool *pgxpool.Pool, p *pgPlan, ids [
 	}
 	defer rows.Close()
 	out = make(map[int]*pgRow, len(ids))
-	const fixed = 5 // ord, type, domain, deleted, current
+	const fixed = 6 // ord, type, domain, deleted, current, row version
 	var (
-		ord         int64
-		typ, domain *string
-		softDeleted bool
+		ord                     int64
+		typ, domain, rowVersion *string
+		softDeleted             bool
 	)
 	current = true
 	dest := make([]any, fixed+len(p.cols))
-	dest[0], dest[1], dest[2], dest[3], dest[4] = &ord, &typ, &domain, &softDeleted, &current
+	dest[0], dest[1], dest[2], dest[3], dest[4], dest[5] = &ord, &typ, &domain, &softDeleted, &current, &rowVersion
 	for rows.Next() {
-		typ, domain = nil, nil
+		typ, domain, rowVersion = nil, nil, nil
 		if err := rows.Scan(dest...); err != nil {
 			return nil, false, err
 		}
@@ -330,6 +332,9 @@ func (t *pgTable) read(ctx context.Context, pool *pgxpool.Pool, p *pgPlan, ids [
 			continue // a non-unique id column: the first row wins
 		}
 		r := &pgRow{typ: typ, domain: domain, softDeleted: softDeleted}
+		if rowVersion != nil {
+			r.rowVersion = *rowVersion
+		}
 		if !softDeleted {
 			r.body, r.bodyErr = decodeRow(p.cols, rows.RawValues()[fixed:])
 		}
@@ -391,19 +396,20 @@ func (t *pgTable) prepare(ctx context.Context, pool *pgxpool.Pool) (*pgPlan, err
 			FROM pg_attribute a
 			WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped)
 		SELECT a.attrelid::oid, a.attname::text, a.atttypid::oid, format_type(a.atttypid, NULL),
-			(SELECT `+sigExpr+` FROM a)
+			(SELECT `+sigExpr+` FROM a),
+			(SELECT c.relkind::text FROM pg_class c WHERE c.oid = a.attrelid)
 		FROM a ORDER BY a.attnum`,
 		t.ident)
 	if err != nil {
 		return nil, transient("docstore: postgres: look up "+c.Table, err)
 	}
 	type column struct {
-		relid, typ          uint32
-		name, typeName, sig string
+		relid, typ                   uint32
+		name, typeName, sig, relkind string
 	}
 	cols, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (column, error) {
 		var c column
-		err := r.Scan(&c.relid, &c.name, &c.typ, &c.typeName, &c.sig)
+		err := r.Scan(&c.relid, &c.name, &c.typ, &c.typeName, &c.sig, &c.relkind)
 		return c, err
 	})
 	if err != nil {
@@ -412,7 +418,14 @@ func (t *pgTable) prepare(ctx context.Context, pool *pgxpool.Pool) (*pgPlan, err
 	p := &pgPlan{}
 	typeOf := map[string]string{}
 	var exprs []string
+	// xmin names the row version read (the transaction that wrote it); a
+	// view or foreign table has none.
+	rowVersion := "NULL::text"
 	for _, col := range cols {
+		switch col.relkind {
+		case "r", "p", "m":
+			rowVersion = "changefeed_row.xmin::text"
+		}
 		p.relid, p.sig = col.relid, col.sig
 		typeOf[col.name] = col.typeName
 		k := kindOf(col.typ)
@@ -447,11 +460,12 @@ func (t *pgTable) prepare(ctx context.Context, pool *pgxpool.Pool) (*pgPlan, err
 	// the query was built for.
 	p.query = fmt.Sprintf(`SELECT changefeed_key.ord, %s, %s, %s,
 	(SELECT %s FROM pg_attribute a WHERE a.attrelid = $2::oid AND a.attnum > 0 AND NOT a.attisdropped) = $3,
+	%s,
 	%s
 FROM unnest($1::text[]) WITH ORDINALITY AS changefeed_key(id, ord)
 JOIN %s AS changefeed_row ON changefeed_row.%s = changefeed_key.id::%s`,
 		col(c.TypeColumn, "text", "NULL::text"), col(c.DomainColumn, "text", "NULL::text"), deleted,
-		sigExpr, strings.Join(exprs, ",\n\t"),
+		sigExpr, rowVersion, strings.Join(exprs, ",\n\t"),
 		t.ident, pgx.Identifier{c.IDColumn}.Sanitize(), typeOf[c.IDColumn])
 	t.plan = p
 	return p, nil

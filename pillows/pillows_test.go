@@ -15,9 +15,11 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/changefeed/changefeed/doc"
 	"github.com/changefeed/changefeed/internal/testenv"
 	"github.com/changefeed/changefeed/migrations"
 	"github.com/changefeed/changefeed/pillows"
+	"github.com/changefeed/changefeed/stub"
 )
 
 // Stubs arrive duplicated and in reverse order: every document ends at its
@@ -289,18 +291,24 @@ func TestCommittedOffsetGoneStops(t *testing.T) {
 	}
 }
 
-// Once runs an effect once per version, in the caller's transaction.
+// Once runs an effect once per (pillow, document, state read), in the
+// caller's transaction. The document is named with its source: one id at
+// one revision in two Couch databases is two documents. The SQL state is
+// the one read, not the stubs' version: a fetch that already read a newer
+// state runs the effect for it, and the later stub of that state does not
+// run it again; a later change back to an earlier content runs it again.
 func TestOnce(t *testing.T) {
 	e := newEnv(t)
 	e.exec(`CREATE TABLE sms (doc text, version text)`)
-	send := func(version string) bool {
+	send := func(d *doc.Document) bool {
+		t.Helper()
 		tx, err := e.pool.Begin(e.ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer tx.Rollback(e.ctx) //nolint:errcheck
-		ran, err := pillows.Once(e.ctx, tx, "sms", "doc-1", version, func(tx pgx.Tx) error {
-			_, err := tx.Exec(e.ctx, `INSERT INTO sms VALUES ('doc-1', $1)`, version)
+		ran, err := pillows.Once(e.ctx, tx, "sms", d, func(tx pgx.Tx) error {
+			_, err := tx.Exec(e.ctx, `INSERT INTO sms VALUES ($1, $2)`, d.Key(), d.Version.String())
 			return err
 		})
 		if err != nil {
@@ -311,22 +319,56 @@ func TestOnce(t *testing.T) {
 		}
 		return ran
 	}
-	if !send("1/A#1") || send("1/A#1") || !send("1/B#1") || send("1/B#1") {
-		t.Fatal("Once did not run exactly once per version")
+	couchDoc := func(db, rev string) *doc.Document {
+		r, _ := stub.ParseRev(rev)
+		return &doc.Document{ID: "x", Source: stub.SourceCouch, SourceName: db, Body: map[string]any{"n": 1}, Version: doc.Version{Rev: r}}
 	}
+	if !send(couchDoc("hq", "1-a")) || send(couchDoc("hq", "1-a")) || !send(couchDoc("hq", "2-b")) {
+		t.Fatal("Once did not run exactly once per Couch revision")
+	}
+	if !send(couchDoc("hq2", "1-a")) {
+		t.Fatal("the same id and revision in another database is another document: its effect did not run")
+	}
+
+	st := e.store()
+	fetch := func(lsn uint64) *doc.Document {
+		t.Helper()
+		docs, err := st.Fetch(e.ctx, []*stub.Stub{mkStub(change{id: "s1", lsn: lsn})})
+		if err != nil || len(docs) != 1 {
+			t.Fatalf("fetch: %v %v", docs, err)
+		}
+		return docs[0]
+	}
+	e.apply(map[string]change{"s1": {id: "s1", lsn: 10, name: "A"}})
+	if !send(fetch(10)) || send(fetch(10)) {
+		t.Fatal("Once did not run exactly once for the first state")
+	}
+	e.exec(`UPDATE src SET name = 'B' WHERE id = 's1'`) // change 11 …
+	e.exec(`UPDATE src SET name = 'C' WHERE id = 's1'`) // … and 12, read by the fetch of 11
+	if !send(fetch(11)) {
+		t.Fatal("a new state read did not run the effect")
+	}
+	if send(fetch(12)) {
+		t.Fatal("the stub of a state already read ran the effect again")
+	}
+	e.exec(`UPDATE src SET name = 'A' WHERE id = 's1'`) // back to the first content: a change
+	if !send(fetch(13)) {
+		t.Fatal("a change back to an earlier content did not run the effect")
+	}
+
 	// A rolled-back effect is not recorded: it runs again.
 	tx, _ := e.pool.Begin(e.ctx)
-	ran, err := pillows.Once(e.ctx, tx, "sms", "doc-1", "1/C#1", func(pgx.Tx) error { return errors.New("gateway down") })
+	ran, err := pillows.Once(e.ctx, tx, "sms", couchDoc("hq", "3-c"), func(pgx.Tx) error { return errors.New("gateway down") })
 	if ran || err == nil {
 		t.Fatalf("failed effect: ran=%v err=%v", ran, err)
 	}
 	_ = tx.Rollback(e.ctx)
-	if !send("1/C#1") {
+	if !send(couchDoc("hq", "3-c")) {
 		t.Fatal("effect rolled back but not run again")
 	}
 	var n int
-	if err := e.pool.QueryRow(e.ctx, `SELECT count(*) FROM sms`).Scan(&n); err != nil || n != 3 {
-		t.Fatalf("sms rows = %d (%v), want 3", n, err)
+	if err := e.pool.QueryRow(e.ctx, `SELECT count(*) FROM sms`).Scan(&n); err != nil || n != 7 {
+		t.Fatalf("sms rows = %d (%v), want 7", n, err)
 	}
 }
 

@@ -124,6 +124,9 @@ tables:
 				"CHANGEFEED_ROUTING_FILE":         routing,
 				"CHANGEFEED_HTTP_ADDR":            "off",
 				"CHANGEFEED_STATUS_INTERVAL":      "100ms",
+				// kfake has one broker.
+				"CHANGEFEED_KAFKA_REPLICATION_FACTOR":  "1",
+				"CHANGEFEED_KAFKA_MIN_INSYNC_REPLICAS": "1",
 			}
 
 			if i == 0 {

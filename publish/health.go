@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
@@ -227,6 +228,26 @@ func (p *Producer) clear(kind string) {
 	if pr != nil {
 		p.log.Info("kafka problem cleared", "kind", kind, "lasted", time.Since(pr.since).Round(time.Millisecond))
 	}
+}
+
+// saslHook watches SASL exchanges: a broker that closes the connection
+// during authentication (what Kafka does after a failed SaslHandshake v0
+// exchange, and kfake always) returns no error code to classify, only EOF.
+type saslHook struct{ p *Producer }
+
+func (h saslHook) OnBrokerE2E(_ kgo.BrokerMetadata, key int16, e2e kgo.BrokerE2E) {
+	if key != int16(kmsg.SASLAuthenticate) && key != int16(kmsg.SASLHandshake) {
+		return
+	}
+	err := e2e.ReadErr
+	if err == nil {
+		err = e2e.WriteErr
+	}
+	if err == nil || errors.Is(err, kgo.ErrClientClosed) || errors.Is(err, context.Canceled) {
+		return
+	}
+	cause := "SASL: the broker closed the connection during authentication (wrong user, password or mechanism?)"
+	h.p.report(problemAuth, cause, fmt.Errorf("%w: %s", ErrAuth, cause))
 }
 
 // authCause describes err if it is a SASL or TLS refusal, "" otherwise.

@@ -203,13 +203,9 @@ func New(conn kafkaconn.Config, opts Options, log *slog.Logger, reg prometheus.R
 		// which fails readiness and then the producer (ErrTopicDeleted).
 		kgo.UnknownTopicRetries(-1),
 		kgo.ProducerOnDataLossDetected(p.dataLossDetected),
+		kgo.WithHooks(saslHook{p}),
 		kafkaconn.Logger(log),
 	)
-	p.cl, err = kgo.NewClient(kopts...)
-	if err != nil {
-		return nil, fmt.Errorf("kafka client: %w", err)
-	}
-	p.adm = kadm.NewClient(p.cl)
 	labels := prometheus.Labels{"component": opts.Component}
 	p.metrics = &metrics{
 		published: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -233,6 +229,11 @@ func New(conn kafkaconn.Config, opts Options, log *slog.Logger, reg prometheus.R
 			ConstLabels: labels,
 		}, []string{"kind"}),
 	}
+	p.cl, err = kgo.NewClient(kopts...)
+	if err != nil {
+		return nil, fmt.Errorf("kafka client: %w", err)
+	}
+	p.adm = kadm.NewClient(p.cl)
 	if reg != nil {
 		for _, c := range []prometheus.Collector{p.metrics.published, p.metrics.errors, p.metrics.oversized, p.metrics.dataLoss, p.metrics.problems} {
 			if err := reg.Register(c); err != nil {

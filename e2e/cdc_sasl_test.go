@@ -231,4 +231,25 @@ func cdcWrongKafkaPassword(t *testing.T, env map[string]string) {
 	if strings.Contains(bp.output(), cdcKafkaSecret) {
 		t.Error("output contains the Kafka password")
 	}
+
+	// Left alone, the refusal ends the process after --kafka-fail-after
+	// with exit 2 and the cause, logged once.
+	bad["CHANGEFEED_KAFKA_FAIL_AFTER"] = "2s"
+	bp = cdcStart(t, bad)
+	select {
+	case <-bp.done:
+	case <-time.After(time.Minute):
+		t.Fatal("publisher still running a minute after a SASL refusal with --kafka-fail-after 2s")
+	}
+	var exit *exec.ExitError
+	if !errors.As(bp.err, &exit) || exit.ExitCode() != 2 {
+		t.Fatalf("exit %v after a lasting SASL refusal, want 2", bp.err)
+	}
+	out := bp.output()
+	if n := strings.Count(out, "retrying cannot cure"); n != 1 || !strings.Contains(out, "SASL") {
+		t.Errorf("%d lines naming the lasting refusal, want 1 naming SASL", n)
+	}
+	if strings.Contains(out, cdcKafkaSecret) {
+		t.Error("output contains the Kafka password")
+	}
 }

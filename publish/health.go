@@ -207,7 +207,7 @@ func (p *Producer) report(kind, cause string, err error) {
 	h.mu.Unlock()
 	p.metrics.problems.WithLabelValues(kind).Set(1)
 	if first {
-		p.log.Error("kafka: retrying cannot cure this by itself; not ready", "cause", cause, "fail_after", p.opts.FailAfter-now.Sub(since))
+		p.log.Error("kafka: retrying cannot cure this by itself; not ready", "cause", cause, "fails_in", (p.opts.FailAfter - now.Sub(since)).Round(time.Millisecond))
 	}
 	if now.Sub(since) >= p.opts.FailAfter {
 		p.fail(fmt.Errorf("%w (for %s)", err, now.Sub(since).Round(time.Second)))

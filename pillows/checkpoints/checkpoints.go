@@ -136,8 +136,12 @@ func (t *Tool) Copy(ctx context.Context, from, to string, topics []string) (kadm
 
 // Merge commits into into, per partition, the minimum of the groups'
 // offsets (HQ's merge_pillow_checkpoints): the merged pillow processes
-// everything any of them had not. A group with no commit for a partition
-// counts as the log start.
+// everything any of them had not. Only the groups that consume a topic
+// count for it, a group consuming a topic being one with a commit on some
+// partition of it: merging a group of topic A with a group of topic B keeps
+// both positions instead of replaying each topic from its start. A group
+// with commits on a topic but none for one of its partitions counts as the
+// log start there, and so does a topic no group has commits on.
 func (t *Tool) Merge(ctx context.Context, groups []string, into string, topics []string) (kadm.Offsets, error) {
 	if len(groups) == 0 {
 		return nil, errors.New("merge: no source groups")
@@ -180,6 +184,9 @@ func (t *Tool) Merge(ctx context.Context, groups []string, into string, topics [
 		for p := range parts {
 			at := int64(-1)
 			for _, g := range groups {
+				if _, consumes := all[g][topic]; !consumes {
+					continue
+				}
 				o := starts[topic][p].Offset
 				if c, ok := all[g].Lookup(topic, p); ok && c.Err == nil && c.At >= 0 {
 					o = c.At
@@ -187,6 +194,9 @@ func (t *Tool) Merge(ctx context.Context, groups []string, into string, topics [
 				if at < 0 || o < at {
 					at = o
 				}
+			}
+			if at < 0 { // no group consumes the topic
+				at = starts[topic][p].Offset
 			}
 			out.Add(kadm.Offset{Topic: topic, Partition: p, At: at, LeaderEpoch: -1})
 		}

@@ -119,6 +119,49 @@ func TestShowCopyMergeReset(t *testing.T) {
 	}
 }
 
+// Merging the groups of pillows on different topics keeps each topic's
+// position: a group counts only for the topics it has commits on. Before,
+// each topic was merged with the other group's "no commit" (the log start)
+// and replayed from its start.
+func TestMergeDisjointTopics(t *testing.T) {
+	ctx, cl, adm, tool := setup(t)
+	const other = "other"
+	if _, err := adm.CreateTopic(ctx, 2, 1, nil, other); err != nil {
+		t.Fatal(err)
+	}
+	for p := range int32(2) {
+		for range 6 {
+			if err := cl.ProduceSync(ctx, &kgo.Record{Topic: other, Partition: p, Value: []byte("x")}).FirstErr(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	commit(t, ctx, adm, "cases", 3, 7, 5)
+	os := kadm.Offsets{}
+	os.Add(kadm.Offset{Topic: other, Partition: 0, At: 4, LeaderEpoch: -1})
+	os.Add(kadm.Offset{Topic: other, Partition: 1, At: 6, LeaderEpoch: -1})
+	if resp, err := adm.CommitOffsets(ctx, "forms", os); err != nil || resp.Error() != nil {
+		t.Fatalf("commit: %v %v", err, resp.Error())
+	}
+	if _, err := tool.Merge(ctx, []string{"cases", "forms"}, "merged", nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(committed(t, ctx, tool, "merged")); got != "[3 7 5]" {
+		t.Fatalf("merged %s = %s, want [3 7 5]", topic, got)
+	}
+	rows, err := tool.Show(ctx, "merged", []string{other})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[int32]int64{}
+	for _, r := range rows {
+		got[r.Partition] = r.Committed
+	}
+	if got[0] != 4 || got[1] != 6 {
+		t.Fatalf("merged %s = %v, want 0:4 1:6", other, got)
+	}
+}
+
 // Every writing tool refuses a group with live members.
 func TestRefusesLiveGroup(t *testing.T) {
 	ctx, cl, adm, tool := setup(t)

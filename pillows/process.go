@@ -114,8 +114,10 @@ func (f *errorFlag) clearIf(gen uint64) {
 // by the partition workers and the retry loop.
 type engine struct {
 	// mayHaveErrors is false only when the errors table was seen without
-	// rows for this pillow since the last failure was recorded; while
-	// true, successfully processed documents clear their old rows.
+	// rows for this pillow since this process last recorded a failure;
+	// while true, successfully processed documents clear their old rows.
+	// While false, handle asks the table, which also holds the failures
+	// other processes of the pillow recorded.
 	mayHaveErrors errorFlag
 
 	p       *Pillow
@@ -420,7 +422,17 @@ func (e *engine) handle(ctx context.Context, stubs []*stub.Stub) (outcome, error
 			e.m.docErrors.WithLabelValues(e.p.Name, f.Processor).Inc()
 		}
 	}
-	if e.mayHaveErrors.get() {
+	may := e.mayHaveErrors.get()
+	if !may {
+		// The flag only knows this process's failures: another process
+		// (the partition's previous owner) may have recorded rows for
+		// these documents. The table is the truth; an EXISTS on its
+		// index is one cheap round trip per batch.
+		if may, err = e.errs.any(ctx, e.p.Name); err != nil {
+			return out, fmt.Errorf("%w: look up pillow errors: %w", doc.ErrTransient, err)
+		}
+	}
+	if may {
 		// A document now processed by every processor no longer needs
 		// its older failures retried (a dead one included).
 		var ok []docKey

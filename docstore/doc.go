@@ -15,6 +15,12 @@
 //     stub naming an unconfigured source, an id the id column cannot hold, a
 //     CouchDB database that does not exist) is returned as doc.Errors
 //     together with the documents that were fetched.
+//   - Postgres reads only from a primary. A row missing on a standby may be
+//     replication lag, and the tombstone written for it would delete a live
+//     document, so every fetch checks pg_is_in_recovery() (a column of the
+//     query; a separate query when no row came back) and a standby fails
+//     with ErrStandby, wrapped in doc.ErrTransient: the batch waits until
+//     the store points at a primary again (after a failover, say).
 //
 // What it does not guarantee: the version a SQL document carries is the
 // highest stub version of the batch, not the version of the state read (a

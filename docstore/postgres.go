@@ -278,6 +278,14 @@ func (t *pgTable) fetch(ctx context.Context, pool *pgxpool.Pool, ids []string) (
 			return nil, err
 		}
 		out, current, err := t.read(ctx, pool, p, ids)
+		if err == nil && current && len(ids) > 0 && len(out) == 0 {
+			// Missing rows become tombstones: make sure the server is
+			// not a standby, which no returned row has told.
+			err = checkPrimary(ctx, pool)
+		}
+		if errors.Is(err, ErrStandby) {
+			return nil, transient("docstore: postgres: "+t.cfg.Table, err)
+		}
 		if err == nil && current {
 			return out, nil
 		}
@@ -310,15 +318,15 @@ func (t *pgTable) read(ctx context.Context, pool *pgxpool.Pool, p *pgPlan, ids [
 	}
 	defer rows.Close()
 	out = make(map[int]*pgRow, len(ids))
-	const fixed = 6 // ord, type, domain, deleted, current, row version
+	const fixed = 7 // ord, type, domain, deleted, current, row version, standby
 	var (
 		ord                     int64
 		typ, domain, rowVersion *string
-		softDeleted             bool
+		softDeleted, standby    bool
 	)
 	current = true
 	dest := make([]any, fixed+len(p.cols))
-	dest[0], dest[1], dest[2], dest[3], dest[4], dest[5] = &ord, &typ, &domain, &softDeleted, &current, &rowVersion
+	dest[0], dest[1], dest[2], dest[3], dest[4], dest[5], dest[6] = &ord, &typ, &domain, &softDeleted, &current, &rowVersion, &standby
 	for rows.Next() {
 		typ, domain, rowVersion = nil, nil, nil
 		if err := rows.Scan(dest...); err != nil {
@@ -326,6 +334,9 @@ func (t *pgTable) read(ctx context.Context, pool *pgxpool.Pool, p *pgPlan, ids [
 		}
 		if !current {
 			return nil, false, nil
+		}
+		if standby {
+			return nil, false, ErrStandby
 		}
 		i := int(ord) - 1
 		if i < 0 || i >= len(ids) || out[i] != nil {
@@ -344,6 +355,25 @@ func (t *pgTable) read(ctx context.Context, pool *pgxpool.Pool, p *pgPlan, ids [
 		return nil, false, err
 	}
 	return out, current, nil
+}
+
+// ErrStandby means the store's server is a standby (pg_is_in_recovery): a
+// row missing there may be replication lag rather than a deletion, and a
+// tombstone written for it would delete a live document from the sinks. The
+// store refuses to read from a standby (wrapped in doc.ErrTransient: the
+// batch waits, nothing is skipped); point it at the primary.
+var ErrStandby = errors.New("the server is a standby (pg_is_in_recovery() is true): a missing row may be replication lag, not a deletion; point the document store at the primary")
+
+// checkPrimary returns ErrStandby when the server is a standby.
+func checkPrimary(ctx context.Context, pool *pgxpool.Pool) error {
+	var standby bool
+	if err := pool.QueryRow(ctx, `SELECT pg_is_in_recovery()`).Scan(&standby); err != nil {
+		return err
+	}
+	if standby {
+		return ErrStandby
+	}
+	return nil
 }
 
 // fetchEach is fetch one document at a time, recording those whose id
@@ -461,6 +491,7 @@ func (t *pgTable) prepare(ctx context.Context, pool *pgxpool.Pool) (*pgPlan, err
 	p.query = fmt.Sprintf(`SELECT changefeed_key.ord, %s, %s, %s,
 	(SELECT %s FROM pg_attribute a WHERE a.attrelid = $2::oid AND a.attnum > 0 AND NOT a.attisdropped) = $3,
 	%s,
+	pg_is_in_recovery(),
 	%s
 FROM unnest($1::text[]) WITH ORDINALITY AS changefeed_key(id, ord)
 JOIN %s AS changefeed_row ON changefeed_row.%s = changefeed_key.id::%s`,

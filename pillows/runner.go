@@ -145,11 +145,14 @@ func (r *Runner) Run(ctx context.Context, ps ...*Pillow) error {
 	for _, p := range ps {
 		for _, pr := range p.Processors {
 			if b, ok := pr.(Bootstrapper); ok {
-				if err := b.Bootstrap(ctx); err != nil {
-					return fmt.Errorf("pillow %s: processor %s: bootstrap: %w", p.Name, pr.Name(), err)
+				if err := r.bootstrap(ctx, p, pr, b); err != nil {
+					return err
 				}
 			}
 		}
+	}
+	if ctx.Err() != nil {
+		return nil // asked to stop while waiting for a destination
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -182,6 +185,38 @@ func (r *Runner) Run(ctx context.Context, ps ...*Pillow) error {
 	}
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// bootstrap prepares a processor's destination. A transient failure (the
+// sink's server down or unreachable at start-up) is waited out with the
+// transient backoff, logged and counted, as it would be in a batch: a
+// process started during an outage then begins once the server is back,
+// instead of exiting into a restart loop. Any other failure (a table of
+// another shape) is returned. It returns nil, having done nothing, when
+// ctx ends first.
+func (r *Runner) bootstrap(ctx context.Context, p *Pillow, pr Processor, b Bootstrapper) error {
+	backoff := r.o.TransientMin
+	for attempt := 1; ; attempt++ {
+		err := safe(func() error { return b.Bootstrap(ctx) })
+		switch {
+		case err == nil:
+			return nil
+		case ctx.Err() != nil:
+			return nil
+		case !IsTransient(err):
+			return fmt.Errorf("pillow %s: processor %s: bootstrap: %w", p.Name, pr.Name(), err)
+		}
+		r.o.Metrics.transient.WithLabelValues(p.Name).Inc()
+		r.o.Log.Warn("destination not reachable at start-up; waiting for it", "pillow", p.Name, "processor", pr.Name(), "attempt", attempt, "backoff", backoff, "err", err)
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		}
+		backoff = min(2*backoff, r.o.TransientMax)
+	}
 }
 
 type tp struct {

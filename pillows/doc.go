@@ -5,8 +5,19 @@
 //
 // # Consuming
 //
-// Every pillow is one consumer group (cooperative-sticky). Several processes
-// running the same pillow share its partitions through rebalancing. Each
+// Every pillow is one consumer group (cooperative-sticky), and a group serves
+// one pillow: Run refuses two pillows in one group, which would split its
+// partitions. Several processes running the same pillow share its
+// partitions through rebalancing.
+//
+// # What a pillow reads
+//
+// A record is decoded and validated in one place (decodeStub): a record
+// that is not a valid stub, or a SQL stub without a commit LSN (its version
+// would be 0/0 and the document would never update after its first
+// write), is published as read to the dead-letter topic, with the reason,
+// before the batch's offset is marked. Filter never drops a deletion of a
+// document the sinks may hold (see Filter.Match). Each
 // assigned partition has one goroutine, so one document's stubs (same key,
 // same partition) are handled one batch after another, in order.
 //
@@ -60,16 +71,24 @@
 // data_source_name, document_id, as doc.Document.Key), everywhere in this
 // package: one pillow can read the same id from two sources (HQ's Couch→SQL
 // migration keeps ids), and each copy has its own error row, which only that
-// copy's success clears. Processors and stores report failures by id
-// (doc.Errors); when a call held one id from several sources, its failing
-// copy is found by calling again one document at a time. A retry loop per pillow re-processes due rows, refetching
-// the document, with backoff Retry.BackoffUnit·n² (HQ: 5·n² minutes); after
-// Retry.MaxAttempts the row is marked dead and its stub published to the
-// dead-letter topic.
+// copy's success clears. Whether old rows may exist is asked of the table
+// whenever this process has not recorded a failure itself: another process
+// (a partition's previous owner) may have. Processors and stores report
+// failures by id (doc.Errors); when a call held one id from several sources,
+// its failing copy is found by calling again one document at a time. A retry
+// loop per pillow re-processes due rows, refetching the document, with
+// backoff Retry.BackoffUnit·n² (HQ: 5·n² minutes); after Retry.MaxAttempts
+// the row is marked dead and its stub published to the dead-letter topic.
 //
 // # What this package does not do
 //
 // It does not order documents across partitions, and it does not make side
 // effects outside a sink idempotent by itself: use Once for effects that
-// must happen once per version.
+// must happen once per state of a document. Sinks hold one row per id; how
+// they order the copies of one id from two sources is package sink's rule
+// (the SQL copy wins).
+//
+// A destination that is unreachable when Run starts (Bootstrap fails
+// transiently) is waited for with the transient backoff; Run returns only
+// for errors it cannot wait out.
 package pillows

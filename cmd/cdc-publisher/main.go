@@ -53,7 +53,7 @@ type settings struct {
 	slot, publication string
 	routingFile       string
 	httpAddr          string
-	allowNewSlot      bool
+	allowNewSlot      cdc.GapAcceptance
 	noMigrate         bool
 	statusInterval    time.Duration
 	heartbeat         time.Duration
@@ -195,6 +195,7 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	postgresURL := cmdutil.BindPostgresURL(ef, cdc.URLHasPassword)
 	str(&s.logLevel, "log-level", "CHANGEFEED_LOG_LEVEL", "info", "debug, info, warn or error")
 	var kafka *cmdutil.KafkaFlags
+	var allowNewSlot string
 	if cmd == "run" {
 		kafka = cmdutil.BindKafka(ef, &s.kafka)
 		kafka.BindEmbedded(&s.embeddedKafka)
@@ -204,7 +205,7 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 		str(&s.publication, "publication", "CHANGEFEED_PUBLICATION", "changefeed", "publication name")
 		str(&s.routingFile, "routing-file", "CHANGEFEED_ROUTING_FILE", "", "routing YAML (tables → stubs)")
 		str(&s.httpAddr, "http-addr", "CHANGEFEED_HTTP_ADDR", ":8080", "address of /metrics, /healthz, /readyz (off: none)")
-		boolean(&s.allowNewSlot, "allow-new-slot", "CHANGEFEED_ALLOW_NEW_SLOT", false, "accept a possible gap: create a fresh slot although a checkpoint exists, or take a slot ahead of the checkpoint")
+		str(&allowNewSlot, "allow-new-slot", "CHANGEFEED_ALLOW_NEW_SLOT", "", "accept one possible gap, as <slot>@<checkpoint LSN> printed by the refusal to start (fresh slot, slot ahead of the checkpoint, checkpoint of another cluster); refused on a start that has no such gap")
 		boolean(&s.noMigrate, "no-migrate", "CHANGEFEED_NO_MIGRATE", false, "do not apply migrations at start")
 		duration(&s.statusInterval, "status-interval", "CHANGEFEED_STATUS_INTERVAL", time.Second, "how often acknowledged progress is checkpointed and confirmed")
 		duration(&s.heartbeat, "heartbeat-interval", "CHANGEFEED_HEARTBEAT_INTERVAL", 0, "emit a heartbeat message on this interval (0: off)")
@@ -232,6 +233,9 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	}
 	if cmd == "run" {
 		if err := kafka.Finish(); err != nil {
+			return s, err
+		}
+		if s.allowNewSlot, err = cdc.ParseGapAcceptance(allowNewSlot); err != nil {
 			return s, err
 		}
 		if s.maxInFlight <= 0 {

@@ -167,6 +167,8 @@ type Publisher struct {
 	wake     chan struct{}
 	pool     sync.Pool
 	printMu  sync.Mutex
+	// refusedLog rate-limits the per-stub refusal line.
+	refusedLog logLimiter
 	// prodCtx outlives Run's context: records must not be cancelled before
 	// the final flush.
 	prodCtx context.Context
@@ -213,6 +215,8 @@ func New(cfg Config, deps Deps) (*Publisher, error) {
 		topics:  map[string]bool{},
 		wake:    make(chan struct{}, 1),
 		prodCtx: context.Background(),
+
+		refusedLog: logLimiter{every: 10 * time.Second},
 	}
 	for _, t := range cfg.Routing.Topics() {
 		p.topics[t] = true
@@ -305,10 +309,16 @@ func (p *Publisher) session(ctx context.Context) (streamed bool, err error) {
 	}
 	defer db.Close(context.Background())
 
+	if err := p.checkVersion(ctx, db); err != nil {
+		return false, err
+	}
 	if err := p.checkServer(ctx, db); err != nil {
 		return false, err
 	}
 	if err := p.ensurePublication(ctx, db); err != nil {
+		return false, err
+	}
+	if err := p.checkColumnLists(ctx, db); err != nil {
 		return false, err
 	}
 	if err := p.durableCheckpoints(ctx, db); err != nil {

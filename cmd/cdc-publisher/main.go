@@ -14,8 +14,12 @@
 //
 // Exit status: 0 after SIGTERM/SIGINT (flushed and confirmed), 1 on a runtime
 // failure (Kafka refused a stub for good, an unexpected error), 2 on invalid
-// configuration, failed authentication or a failed start-up check, 3 on a possible gap between checkpoint and slot, 4 when the
-// slot stayed busy past --slot-wait-timeout.
+// configuration (including an --allow-new-slot no gap needs), failed
+// authentication, a failed start-up check or a routed table that stopped
+// matching the routing while running, 3 on a possible gap (slot missing,
+// ahead of the checkpoint or lost; checkpoint of another cluster or ahead of
+// the server's WAL), 4 when the slot stayed busy past --slot-wait-timeout.
+// See the table in README.md.
 package main
 
 import (

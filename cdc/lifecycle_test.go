@@ -67,6 +67,8 @@ func testCheckpointOtherCluster(t *testing.T, pgA *testenv.PG) {
 	if err := migrateAs(dbB.url); err != nil {
 		t.Fatal(err)
 	}
+	// B was set up like A: publication and slot exist, the slot is behind.
+	dbB.exec(t, "CREATE PUBLICATION "+dbB.name+" FOR TABLE cases, case_index, forms WITH (publish_via_partition_root = true)")
 	dbB.exec(t, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", dbB.name)
 	slotB := dbB.slotLSN(t)
 	// Enough WAL on B that A's LSN is a valid position here too: only the

@@ -194,7 +194,10 @@ func (p *Publisher) ensurePublication(ctx context.Context, db *pgx.Conn) error {
 		if _, err := db.Exec(ctx, "ALTER PUBLICATION "+pub+" ADD TABLE "+strings.Join(add, ", ")); err != nil {
 			return fmt.Errorf("add tables to publication %s: %w", p.cfg.Publication, err)
 		}
-		p.log.Info("tables added to publication", "publication", p.cfg.Publication, "tables", add)
+		// PostgreSQL decodes a table's changes only from the moment it is in
+		// the publication: rows written before were never published.
+		p.log.Warn("tables added to publication: rows written to them before now were never published; backfill them unless the tables are new (a table recreated or swapped in while the publisher ran is one to backfill)",
+			"publication", p.cfg.Publication, "tables", add)
 	}
 	return nil
 }

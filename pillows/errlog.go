@@ -171,10 +171,14 @@ type ErrorRow struct {
 	Attempts       int
 	NextAttempt    time.Time
 	Dead           bool
+	// UpdatedAt changes whenever a failure is recorded for the row: the
+	// retry loop writes its outcome only if it is still the value it
+	// claimed.
+	UpdatedAt time.Time
 }
 
 // errorColumns are the columns scanErrorRow reads, in order.
-const errorColumns = `id, pillow, processor, data_source_type, data_source_name, document_id, version, stub, error_type, error_message, attempts, next_attempt, dead`
+const errorColumns = `id, pillow, processor, data_source_type, data_source_name, document_id, version, stub, error_type, error_message, attempts, next_attempt, dead, updated_at`
 
 // Rows returns the errors recorded for pillow, oldest first.
 func (l *ErrorLog) Rows(ctx context.Context, pillow string) ([]ErrorRow, error) {
@@ -190,7 +194,7 @@ func scanErrorRow(row pgx.CollectableRow) (ErrorRow, error) {
 	var r ErrorRow
 	var raw []byte
 	var typ string
-	if err := row.Scan(&r.ID, &r.Pillow, &r.Processor, &typ, &r.DataSourceName, &r.DocumentID, &r.Version, &raw, &r.ErrorType, &r.ErrorMessage, &r.Attempts, &r.NextAttempt, &r.Dead); err != nil {
+	if err := row.Scan(&r.ID, &r.Pillow, &r.Processor, &typ, &r.DataSourceName, &r.DocumentID, &r.Version, &raw, &r.ErrorType, &r.ErrorMessage, &r.Attempts, &r.NextAttempt, &r.Dead, &r.UpdatedAt); err != nil {
 		return r, err
 	}
 	r.DataSourceType = stub.Source(typ)

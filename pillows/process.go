@@ -111,6 +111,8 @@ type engine struct {
 	// (documents may have failed on their own): evidence that a document
 	// failing transiently alone is at fault itself.
 	successes atomic.Uint64
+	// lastOK is when a round last succeeded (Unix nanoseconds).
+	lastOK atomic.Int64
 
 	p       *Pillow
 	m       *Metrics
@@ -394,7 +396,7 @@ func (e *engine) round(ctx context.Context, stubs []*stub.Stub, only map[string]
 		}
 	}
 	if len(list) == 0 {
-		e.successes.Add(1)
+		e.succeeded()
 		return out, nil
 	}
 	for _, pr := range e.p.Processors {
@@ -415,8 +417,21 @@ func (e *engine) round(ctx context.Context, stubs []*stub.Stub, only map[string]
 		}
 		e.m.processed.WithLabelValues(e.p.Name, pr.Name()).Add(float64(len(list) - len(failed)))
 	}
-	e.successes.Add(1)
+	e.succeeded()
 	return out, nil
+}
+
+func (e *engine) succeeded() {
+	e.successes.Add(1)
+	e.lastOK.Store(time.Now().UnixNano())
+}
+
+// lastSuccess is when a round of the pillow last succeeded (zero: never).
+func (e *engine) lastSuccess() time.Time {
+	if n := e.lastOK.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
 }
 
 // handle runs a round on a batch and records its per-document failures. A

@@ -93,7 +93,6 @@ func (pr *pillowRun) retryDue(ctx context.Context) (int, error) {
 		}
 		return 0, nil
 	}
-	before := pr.eng.successes.Load()
 	type pending struct {
 		row ErrorRow
 		err error
@@ -129,25 +128,35 @@ func (pr *pillowRun) retryDue(ctx context.Context) (int, error) {
 		}
 		pr.failed(ctx, row, out.failures[0].Err)
 	}
-	othersOK := succeeded || pr.eng.successes.Load() != before
+	var postponed []ErrorRow
 	for _, p := range transient {
-		if othersOK && ctx.Err() == nil {
+		// Others worked since this row's last recorded failure: the
+		// document is at fault. (At most one attempt is counted wrongly
+		// when an outage starts right after such a success.)
+		if ctx.Err() == nil && (succeeded || pr.eng.lastSuccess().After(p.row.UpdatedAt)) {
 			pr.failed(ctx, p.row, fmt.Errorf("keeps failing as if its store or a sink were down while they work for other documents: %w", p.err))
 			continue
 		}
-		release = append(release, p.row.ID)
+		postponed = append(postponed, p.row)
 	}
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), io)
+	defer cancel()
 	if len(release) > 0 {
-		// Not attempts: due again at the next tick.
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), io)
-		_, err := o.Errors.pool.Exec(rctx, `UPDATE changefeed.pillow_errors SET next_attempt = now() WHERE id = ANY($1)`, release)
-		cancel()
-		if err != nil {
+		// Not tried: due again at the next tick.
+		if _, err := o.Errors.pool.Exec(rctx, `UPDATE changefeed.pillow_errors SET next_attempt = now() WHERE id = ANY($1)`, release); err != nil {
 			pr.log.Warn("releasing claimed error rows failed; they are due again when their lease ends", "rows", len(release), "err", err)
 		}
-		if len(transient) > 0 && !othersOK {
-			return len(due), fmt.Errorf("%d row(s) failed transiently and nothing else succeeded; not counted as attempts: %w", len(transient), transient[0].err)
+	}
+	for _, row := range postponed {
+		// Not an attempt (the store or a sink is down for everyone), but
+		// not retried at every tick either: the backoff of its attempts.
+		if _, err := o.Errors.pool.Exec(rctx, `UPDATE changefeed.pillow_errors SET next_attempt = now() + $2::interval WHERE id = $1`,
+			row.ID, pr.p.Retry.Backoff(row.Attempts)); err != nil {
+			pr.log.Warn("postponing an error row failed; it is due again when its lease ends", "document_id", row.DocumentID, "err", err)
 		}
+	}
+	if len(postponed) > 0 {
+		return len(due), fmt.Errorf("%d row(s) failed transiently while nothing else succeeded; not counted as attempts: %w", len(postponed), transient[0].err)
 	}
 	return len(due), nil
 }

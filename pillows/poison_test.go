@@ -224,3 +224,111 @@ func TestTransientPoisonIsolatedBySplitting(t *testing.T) {
 		t.Fatalf("dead letters = %v, want doc-023 once", got)
 	}
 }
+
+// The retry loop handles each row on its own and holds no row lock while it
+// does I/O: a row failing transiently at the head of the queue neither
+// starves the rows behind it nor rolls back their outcomes; a row marked
+// dead stays dead and its dead letter is published once; and while a
+// processor call of the retry loop is in progress, its row is not locked.
+func TestRetryLoopRowsIndependent(t *testing.T) {
+	e := newEnv(t)
+	_, final := history(12, 1, 0)
+	e.apply(final)
+	block := make(chan struct{})
+	var blockOnce sync.Once
+	inRetry := make(chan struct{}, 1)
+	sink := e.scripted(func(id string, call int) error {
+		switch {
+		case id == "doc-001" && call == 1: // recorded, then transient forever
+			return errors.New("first failure of doc-001")
+		case id == "doc-001":
+			return fmt.Errorf("%w: sink answers 502 for doc-001 only", doc.ErrTransient)
+		case id == "doc-002": // fails for good
+			return errors.New("poison doc-002")
+		case id == "doc-003" && call == 1: // resolves on retry
+			return errors.New("first failure of doc-003")
+		case id == "doc-004" && call == 1:
+			return errors.New("first failure of doc-004")
+		case id == "doc-004" && call == 2: // its retry blocks until released
+			select {
+			case inRetry <- struct{}{}:
+			default:
+			}
+			<-block
+		}
+		return nil
+	})
+	t.Cleanup(func() { blockOnce.Do(func() { close(block) }) })
+	// One partition and one batch, so all four rows are recorded together
+	// and claimed together.
+	var recs []*kgo.Record
+	for _, id := range []string{"doc-000", "doc-001", "doc-002", "doc-003", "doc-004", "doc-005"} {
+		v, err := mkStub(final[id]).Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		recs = append(recs, &kgo.Record{Key: []byte("k"), Value: v})
+	}
+	if err := e.prod.ProduceSync(e.ctx, recs...).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	p := e.pillow("retries", sink)
+	p.Retry = pillows.Retry{MaxAttempts: 3, BackoffUnit: 100 * time.Millisecond, Interval: 50 * time.Millisecond}
+	e.start(e.runner(func(o *pillows.Options) { o.DeadLetters = e.deadLetters() }), p)
+
+	// While doc-004's retry is in the processor, its row is not locked.
+	select {
+	case <-inRetry:
+	case <-time.After(30 * time.Second):
+		t.Fatal("doc-004 was never retried")
+	}
+	tx, err := e.pool.Begin(e.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, lockErr := tx.Exec(e.ctx, `SELECT 1 FROM changefeed.pillow_errors WHERE pillow = 'retries' FOR UPDATE NOWAIT`)
+	_ = tx.Rollback(e.ctx)
+	blockOnce.Do(func() { close(block) })
+	if lockErr != nil {
+		t.Fatalf("error rows locked while the retry loop does I/O: %v", lockErr)
+	}
+
+	// Traffic of other documents goes on (the sink works for them), so
+	// doc-001's transient failures count as attempts and it ends dead.
+	stopTraffic := make(chan struct{})
+	trafficDone := make(chan struct{})
+	go func() {
+		defer close(trafficDone)
+		for i := 0; i < 600; i++ {
+			select {
+			case <-stopTraffic:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			v, _ := mkStub(change{id: "doc-010", lsn: uint64(5000 + i), name: "doc-010-v1"}).Marshal()
+			_ = e.prod.ProduceSync(e.ctx, &kgo.Record{Key: []byte("t"), Value: v}).FirstErr()
+		}
+	}()
+	t.Cleanup(func() { close(stopTraffic); <-trafficDone })
+	testenv.Eventually(t, 30*time.Second, func() string {
+		rows := map[string]pillows.ErrorRow{}
+		for _, r := range e.errorRows("retries") {
+			rows[r.DocumentID] = r
+		}
+		switch {
+		case len(rows) != 2:
+			return fmt.Sprintf("%d error rows, want doc-001 and doc-002 (doc-003, doc-004 resolved)", len(rows))
+		case !rows["doc-002"].Dead || rows["doc-002"].Attempts != 3:
+			return fmt.Sprintf("doc-002: %+v, want dead after 3 attempts", rows["doc-002"])
+		case !rows["doc-001"].Dead || rows["doc-001"].Attempts != 3:
+			return fmt.Sprintf("doc-001: %+v, want dead after 3 attempts", rows["doc-001"])
+		}
+		return ""
+	})
+	// An absence to check, not a condition to wait for: ten more ticks of
+	// the retry loop (interval 50ms) publish nothing again.
+	<-time.After(500 * time.Millisecond)
+	if got := e.deadLetterCounts("retries-dead-letter"); got["doc-001"] != 1 || got["doc-002"] != 1 || len(got) != 2 {
+		t.Fatalf("dead letters = %v, want doc-001 and doc-002 once each", got)
+	}
+}

@@ -36,6 +36,7 @@ type worker struct {
 	backpressured bool
 	transient     bool
 	paused        bool
+	abandoned     bool // the pause state is no longer this worker's
 
 	ownMu sync.Mutex
 	owned bool
@@ -103,6 +104,9 @@ func (w *worker) setTransient(on bool) {
 
 // updatePause pauses or resumes fetching of the partition. Called with mu.
 func (w *worker) updatePause() {
+	if w.abandoned {
+		return
+	}
 	want := w.backpressured || w.transient
 	if want == w.paused {
 		return
@@ -125,6 +129,21 @@ func (w *worker) disown() {
 	w.ownMu.Lock()
 	w.owned = false
 	w.ownMu.Unlock()
+}
+
+// abandon gives up the batch in hand without waiting for it: no mark is
+// accepted from now on, its I/O is canceled (a sink that ignores the
+// cancellation finishes in the background, and its late write is refused
+// by the version check of a sink that has newer), and the partition's
+// fetching is resumed now, as the worker may never get to it.
+func (w *worker) abandon() {
+	w.disown()
+	w.cancel()
+	w.mu.Lock()
+	w.backpressured, w.transient = false, false
+	w.updatePause()
+	w.abandoned = true
+	w.mu.Unlock()
 }
 
 func (w *worker) mark(r *kgo.Record) bool {

@@ -17,6 +17,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/changefeed/changefeed/migrations"
+	"github.com/changefeed/changefeed/publish"
 	"github.com/changefeed/changefeed/stub"
 )
 
@@ -348,7 +349,7 @@ func (p *Publisher) session(ctx context.Context) (streamed bool, err error) {
 				actx, cancel := context.WithTimeout(ctx, 15*time.Second)
 				defer cancel()
 				return p.prod.EnsureTopics(actx, topics...)
-			}, func(error) bool { return true }); err != nil {
+			}, func(err error) bool { return !publish.Permanent(err) }); err != nil {
 				repl.Close(context.Background())
 				return false, err
 			}

@@ -272,7 +272,7 @@ func (s *stream) walMessage(m []byte) error {
 		return s.rowChange(m)
 	case 'R':
 		var rm pglogrepl.RelationMessage
-		if err := rm.Decode(m[1:]); err != nil {
+		if err := decodeLib('R', &rm, m[1:]); err != nil {
 			return fmt.Errorf("pgoutput relation: %w", err)
 		}
 		rel, err := newRelation(&rm, s.p.cfg.Routing)
@@ -338,11 +338,15 @@ func (s *stream) rowChange(m []byte) error {
 	if len(rest) == 0 {
 		return errShortMessage
 	}
-	if rest[0] == 'K' || rest[0] == 'O' {
+	switch {
+	case kind != 'I' && (rest[0] == 'K' || rest[0] == 'O'):
 		if rest, err = scanTuple(rest[1:], rel, &s.old); err != nil {
 			return err
 		}
 		hasOld = true
+	case kind == 'D':
+		// Not a row without an id to skip: a malformed message.
+		return fmt.Errorf("pgoutput: DELETE of %s without a key or old tuple", rel.qualified)
 	}
 	if kind != 'D' {
 		if len(rest) == 0 || rest[0] != 'N' {
@@ -543,10 +547,7 @@ func (o *outRecord) finish(err error) {
 // message handles a logical decoding message (pg_logical_emit_message).
 func (s *stream) message(m []byte) error {
 	var lm pglogrepl.LogicalDecodingMessage
-	if len(m) < 14 {
-		return errShortMessage
-	}
-	if err := lm.Decode(m); err != nil {
+	if err := decodeLib('M', &lm, m); err != nil {
 		return fmt.Errorf("pgoutput message: %w", err)
 	}
 	switch lm.Prefix {
@@ -616,10 +617,7 @@ func (s *stream) truncate(m []byte) error {
 		return errors.New("pgoutput: TRUNCATE outside a transaction")
 	}
 	var tm pglogrepl.TruncateMessage
-	if len(m) < 9 {
-		return errShortMessage
-	}
-	if err := tm.Decode(m); err != nil {
+	if err := decodeLib('T', &tm, m); err != nil {
 		return fmt.Errorf("pgoutput truncate: %w", err)
 	}
 	p := s.p

@@ -19,7 +19,7 @@ func TestLifecycle(t *testing.T) {
 	pg := testenv.Postgres(t)
 	t.Run("CheckpointOfAnotherCluster", func(t *testing.T) { testCheckpointOtherCluster(t, pg) })
 	t.Run("CheckpointAheadOfWAL", func(t *testing.T) { testCheckpointAhead(t, pg) })
-	t.Run("LegacyCheckpointGetsIdentity", func(t *testing.T) { testLegacyCheckpoint(t, pg) })
+	t.Run("LegacyOrOtherTimelineCheckpoint", func(t *testing.T) { testLegacyCheckpoint(t, pg) })
 	t.Run("RenameOfRoutedColumn", func(t *testing.T) { testRenameRoutedColumn(t, pg) })
 	t.Run("SwappedTableNotInPublication", func(t *testing.T) { testSwappedTableUnpublished(t, pg) })
 	t.Run("ColumnListWithoutRoutedColumn", func(t *testing.T) { testColumnList(t, pg) })
@@ -147,8 +147,9 @@ func testCheckpointAhead(t *testing.T, pg *testenv.PG) {
 	}
 }
 
-// A checkpoint written before the identity was recorded is within this
-// server's WAL: it is trusted, and its identity recorded.
+// A checkpoint written before the identity was recorded, or on an earlier
+// timeline, is within this server's WAL: it is trusted, and this server's
+// identity recorded.
 func testLegacyCheckpoint(t *testing.T, pg *testenv.PG) {
 	db := newDB(t, pg, schema)
 	kafka := kafkaOf(testenv.Kafka(t))
@@ -163,6 +164,21 @@ func testLegacyCheckpoint(t *testing.T, pg *testenv.PG) {
 	sys := db.text(t, "SELECT system_identifier::text FROM pg_control_system()")
 	if got := db.text(t, "SELECT system_identifier::text || '/' || timeline FROM changefeed.cdc_checkpoint WHERE slot_name = $1", db.name); got != sys+"/1" {
 		t.Fatalf("checkpoint identity %q, want %s/1", got, sys)
+	}
+	if err := r2.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	// Written on another timeline of this cluster (before a failover or a
+	// point-in-time recovery) and inside this server's WAL: the row is in
+	// this history, so is its LSN. Accepted with a warning.
+	db.exec(t, "UPDATE changefeed.cdc_checkpoint SET timeline = 7")
+	r3 := start(t, db, kafka, Config{Routing: testRouting(t)})
+	r3.waitStreaming(t)
+	if !strings.Contains(r3.logs.String(), "the timeline changed since the last checkpoint") {
+		t.Error("no warning about the timeline change")
+	}
+	if got := db.text(t, "SELECT timeline::text FROM changefeed.cdc_checkpoint WHERE slot_name = $1", db.name); got != "1" {
+		t.Fatalf("checkpoint timeline %s, want 1", got)
 	}
 }
 

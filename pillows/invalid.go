@@ -61,7 +61,7 @@ func (w *worker) sendInvalid(bad []invalidRecord) bool {
 				kgo.RecordHeader{Key: "source_offset", Value: []byte(strconv.FormatInt(b.rec.Offset, 10))},
 			),
 		}
-		ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
+		ctx, cancel := context.WithTimeout(w.ctx, p.Timeouts.IO)
 		err := dl.DeadLetter(ctx, p.Retry.DeadLetterTopic, rec)
 		cancel()
 		if err == nil {

@@ -454,7 +454,10 @@ func (e *engine) handle(ctx context.Context, stubs []*stub.Stub) (outcome, error
 		// (the partition's previous owner) may have recorded rows for
 		// these documents. The table is the truth; an EXISTS on its
 		// index is one cheap round trip per batch.
-		if may, err = e.errs.any(ctx, e.p.Name); err != nil {
+		actx, cancel := context.WithTimeout(ctx, e.p.Timeouts.IO)
+		may, err = e.errs.any(actx, e.p.Name)
+		cancel()
+		if err != nil {
 			return out, fmt.Errorf("%w: look up pillow errors: %w", doc.ErrTransient, err)
 		}
 	}

@@ -197,7 +197,11 @@ func (r *Runner) Run(ctx context.Context, ps ...*Pillow) error {
 func (r *Runner) bootstrap(ctx context.Context, p *Pillow, pr Processor, b Bootstrapper) error {
 	backoff := r.o.TransientMin
 	for attempt := 1; ; attempt++ {
-		err := safe(func() error { return b.Bootstrap(ctx) })
+		err := safe(func() error {
+			bctx, cancel := context.WithTimeout(ctx, p.Timeouts.IO)
+			defer cancel()
+			return b.Bootstrap(bctx)
+		})
 		switch {
 		case err == nil:
 			return nil

@@ -30,19 +30,23 @@ func TestFailuresClearedByAnotherProcess(t *testing.T) {
 	// One document per partition, so that B owns at least one of them.
 	produce := func(lsn uint64) {
 		t.Helper()
+		var cs []change
 		final := map[string]change{}
 		for p := range int32(partitions) {
 			c := change{id: fmt.Sprintf("x%d", p), lsn: lsn + uint64(p), name: fmt.Sprintf("x%d@%d", p, lsn)}
 			final[c.id] = c
+			cs = append(cs, c)
+		}
+		e.apply(final) // the source first, then its stubs
+		for p, c := range cs {
 			b, err := json.Marshal(mkStub(c))
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := byPart.ProduceSync(e.ctx, &kgo.Record{Key: []byte(c.id), Value: b, Partition: p}).FirstErr(); err != nil {
+			if err := byPart.ProduceSync(e.ctx, &kgo.Record{Key: []byte(c.id), Value: b, Partition: int32(p)}).FirstErr(); err != nil {
 				t.Fatal(err)
 			}
 		}
-		e.apply(final)
 	}
 	// Rows are retried only after an hour: whatever clears them in this
 	// test is a success of the document, not the retry loop.

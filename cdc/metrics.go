@@ -13,6 +13,7 @@ type metrics struct {
 	invalid          prometheus.Counter
 	truncates        *prometheus.CounterVec
 	refused          *prometheus.CounterVec
+	partitionChanges *prometheus.CounterVec
 	checkpointErrors prometheus.Counter
 	reconnects       prometheus.Counter
 	transactions     prometheus.Counter
@@ -46,6 +47,10 @@ func newMetrics(reg prometheus.Registerer, inFlight func() float64) (*metrics, e
 			Name: "changefeed_cdc_refused_rows_total",
 			Help: "Rows not published because their document id cannot be published unchanged (reason utf8: not valid UTF-8; key: a key part is null).",
 		}, []string{"table", "reason"}),
+		partitionChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "changefeed_cdc_partition_changes_total",
+			Help: "Partitions of routed tables seen detached or dropped, or truncated (or rewritten) without a decoded TRUNCATE, while streaming: consumers must resync the table.",
+		}, []string{"table", "change"}),
 		checkpointErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "changefeed_cdc_checkpoint_errors_total",
 			Help: "Failed writes of changefeed.cdc_checkpoint; nothing is confirmed while they fail.",
@@ -71,7 +76,7 @@ func newMetrics(reg prometheus.Registerer, inFlight func() float64) (*metrics, e
 		return m, nil
 	}
 	for _, c := range []prometheus.Collector{
-		m.confirmedLSN, m.lagBytes, m.lagSeconds, m.invalid, m.truncates, m.refused, m.checkpointErrors,
+		m.confirmedLSN, m.lagBytes, m.lagSeconds, m.invalid, m.truncates, m.refused, m.partitionChanges, m.checkpointErrors,
 		m.reconnects, m.transactions, m.changes, m.streaming,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "changefeed_cdc_stubs_in_flight",

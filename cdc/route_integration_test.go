@@ -366,6 +366,30 @@ func testPartitionsCreatedPublication(t *testing.T, pg *testenv.PG) {
 	if meta := cons.stubs(t, "meta"); len(meta) > 0 {
 		t.Fatalf("partition stubs on meta: %+v", meta[0])
 	}
+
+	// Published via the root, a partition's TRUNCATE is not decoded at all,
+	// and DETACH and DROP never are: the publisher notices them while
+	// streaming and says so loudly.
+	db.exec(t, "CREATE TABLE parted_3 PARTITION OF parted FOR VALUES FROM (20) TO (30)")
+	db.exec(t, "INSERT INTO parted VALUES ('c3', 21, 'd')")
+	cons.waitStubs(t, "case-sql", 5)
+	db.exec(t, "TRUNCATE parted_1")
+	db.exec(t, "ALTER TABLE parted DETACH PARTITION parted_2")
+	db.exec(t, "DROP TABLE parted_3")
+	testenv.Eventually(t, waitFor, func() string {
+		tr := r.metric(t, "changefeed_cdc_partition_changes_total", "table", "public.parted", "change", "truncated_or_rewritten")
+		gone := r.metric(t, "changefeed_cdc_partition_changes_total", "table", "public.parted", "change", "detached_or_dropped")
+		if tr != 1 || gone != 2 {
+			return fmt.Sprintf("partition changes: truncated %v, detached or dropped %v", tr, gone)
+		}
+		return ""
+	})
+	logs := r.logs.String()
+	for _, w := range []string{`"partition":"public.parted_1","change":"truncated_or_rewritten"`, `"partition":"public.parted_2","change":"detached_or_dropped"`, `"partition":"public.parted_3","change":"detached_or_dropped"`} {
+		if !strings.Contains(logs, w) {
+			t.Errorf("logs lack %s", w)
+		}
+	}
 }
 
 // A routed partition would never be seen under its own name (the root's

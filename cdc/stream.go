@@ -47,6 +47,9 @@ type stream struct {
 	conn *pgconn.PgConn
 	tr   *ack.Tracker[txPos]
 	rels map[uint32]*relation
+	// watch reports partitions that left a routed table or were truncated
+	// without the stream saying so.
+	watch *partitionWatch
 
 	// Current transaction.
 	inTx    bool
@@ -92,6 +95,7 @@ func newStream(p *Publisher, db *pgx.Conn, conn *pgconn.PgConn, start stub.LSN) 
 		p: p, db: db, conn: conn,
 		tr:       &ack.Tracker[txPos]{},
 		rels:     map[uint32]*relation{},
+		watch:    newPartitionWatch(p.cfg.Routing, p.cfg.Publication),
 		startPos: start,
 	}
 }
@@ -378,6 +382,7 @@ func (s *stream) logRelation(rel *relation) {
 	}
 	if rel.route != nil && rel.root != rel.qualified {
 		log.Debug("partition routed by its root table", "partition", rel.qualified, "table", rel.root)
+		s.watch.saw(rel.id, rel.root, rel.qualified)
 	}
 }
 
@@ -665,6 +670,7 @@ func (s *stream) truncate(m []byte) error {
 			return err
 		}
 		p.m.truncates.WithLabelValues(rel.root).Inc()
+		s.watch.forget[rel.root] = true
 		p.log.Warn("TRUNCATE of a published table: no per-row stubs are published; a table-level event goes to the control topic, consumers must resync the table",
 			"table", rel.root, "partition", ev.Partition, "lsn", s.tx.finalLSN, "xid", s.tx.xid, "control_topic", p.cfg.ControlTopic)
 		if err := s.emit(p.cfg.ControlTopic, []byte(rel.root), nil, value); err != nil {
@@ -714,6 +720,30 @@ func (s *stream) tick() error {
 			return fmt.Errorf("sample lag: %w", err)
 		}
 		p.m.lagBytes.Set(float64(lag))
+		if err := s.checkPartitions(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkPartitions reports, loudly, partitions of routed tables that were
+// detached, dropped or truncated without a decoded event.
+func (s *stream) checkPartitions() error {
+	p := s.p
+	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+	changes, err := s.watch.check(ctx, s.db)
+	cancel()
+	if err != nil {
+		if s.ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	for _, c := range changes {
+		p.m.partitionChanges.WithLabelValues(c.root, c.change).Inc()
+		p.log.Error("a partition of a routed table was detached, dropped or truncated: its rows left the table without per-row stubs (PostgreSQL does not decode this), so consumers still hold their documents; resync the table's documents in the consumers",
+			"table", c.root, "partition", c.partition, "change", c.change)
 	}
 	return nil
 }

@@ -227,6 +227,10 @@ func (rel *relation) errDeleteUnroutable(file, slot string, lsn stub.LSN, xid ui
 	for _, fc := range rel.deleteMissing {
 		cols = append(cols, fmt.Sprintf("%s (field %s)", fc.column, fc.field))
 	}
+	table := rel.qualified
+	if rel.root != rel.qualified {
+		table += " (a partition of " + rel.root + ")"
+	}
 	ident := strings.Join(rel.identityCols, ", ")
 	if ident == "" {
 		ident = "none"
@@ -236,7 +240,7 @@ func (rel *relation) errDeleteUnroutable(file, slot string, lsn stub.LSN, xid ui
 		"Remedy: run ALTER TABLE %s REPLICA IDENTITY FULL (on a partitioned table: on each partition too) so that later DELETEs carry it; the deletions already written "+
 		"cannot be routed: resync this table's documents in the consumers and, with the publisher stopped, move the slot past commit LSN %s "+
 		"(SELECT pg_replication_slot_advance('%s', pg_current_wal_lsn())), then accept the gap as for any gap (README: Gaps are errors)",
-		ErrSchema, file, rel.qualified, xid, lsn, strings.Join(cols, ", "), identityName(rel.identity), ident,
+		ErrSchema, file, table, xid, lsn, strings.Join(cols, ", "), identityName(rel.identity), ident,
 		pgx.Identifier{rel.schema, rel.name}.Sanitize(), lsn, slot)
 }
 

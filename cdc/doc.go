@@ -78,7 +78,10 @@
 // under its own name (publish_via_partition_root = false) is routed by its
 // root. The replica identity is re-checked on every Relation message: a
 // DELETE that lacks the document (or parent) id or the document type column
-// returns ErrSchema naming the remedy, never a stub on the wrong topic.
+// returns ErrSchema naming the remedy, never a stub on the wrong topic. Via
+// the root, a DELETE carries its partition's replica identity: partitions
+// are checked at start, and a partition whose own Relation message lacks a
+// needed column makes a DELETE of the root without that value an error too.
 //
 // Rows of published tables that the routing does not name go to the default
 // topic (meta) with document_type = table (root) name and the primary key as

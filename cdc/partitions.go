@@ -3,6 +3,8 @@ package cdc
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -114,4 +116,57 @@ WHERE pt.isleaf AND pt.level > 0`, w.roots, w.publication)
 		}
 	}
 	return out, nil
+}
+
+// checkPartitionIdentities refuses a routed partitioned table one of whose
+// partitions cannot carry, on DELETE, a column the routing needs: a DELETE
+// carries the partition's replica identity, whatever the root's (and
+// partitions do not inherit REPLICA IDENTITY FULL).
+func checkPartitionIdentities(ctx context.Context, db *pgx.Conn, file string, t *TableRoute) error {
+	rows, err := db.Query(ctx, `
+SELECT n.nspname::text, c.relname::text, c.relreplident::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               AND (c.relreplident = 'f' OR EXISTS (
+                 SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey)
+                   AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))))
+FROM pg_partition_tree(to_regclass($1)) pt
+JOIN pg_class c ON c.oid = pt.relid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE pt.isleaf AND pt.level > 0
+ORDER BY 1, 2`, pgx.Identifier{t.Schema, t.Name}.Sanitize())
+	if err != nil {
+		return fmt.Errorf("read partitions of %s: %w", t.QualifiedName(), err)
+	}
+	type part struct {
+		schema, name, ident string
+		identity            []string
+	}
+	var parts []part
+	for rows.Next() {
+		var p part
+		if err := rows.Scan(&p.schema, &p.name, &p.ident, &p.identity); err != nil {
+			return fmt.Errorf("read partitions of %s: %w", t.QualifiedName(), err)
+		}
+		parts = append(parts, p)
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("read partitions of %s: %w", t.QualifiedName(), err)
+	}
+	need := []fieldColumn{{"id_column", t.docIDColumn()}}
+	if t.IsChild() {
+		need[0].field = "parent.id_column"
+	}
+	if t.DocumentTypeColumn != "" {
+		need = append(need, fieldColumn{"document_type_column", t.DocumentTypeColumn})
+	}
+	for _, p := range parts {
+		for _, fc := range need {
+			if !slices.Contains(p.identity, fc.column) {
+				return precondition("routing file %s: table %s: field %s: column %q is not in the replica identity of its partition %s (REPLICA IDENTITY %s: %s), so a DELETE there would not carry it (partitions do not inherit REPLICA IDENTITY); run ALTER TABLE %s REPLICA IDENTITY FULL",
+					file, t.QualifiedName(), fc.field, fc.column, p.schema+"."+p.name, identityName(p.ident[0]), strings.Join(p.identity, ", "), pgx.Identifier{p.schema, p.name}.Sanitize())
+			}
+		}
+	}
+	return nil
 }

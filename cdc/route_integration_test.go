@@ -32,6 +32,7 @@ func TestRoutingOnline(t *testing.T) {
 	t.Run("PartitionsViaExistingLeafPublication", func(t *testing.T) { testPartitionsLeafPublication(t, pg) })
 	t.Run("PartitionsViaCreatedPublication", func(t *testing.T) { testPartitionsCreatedPublication(t, pg) })
 	t.Run("RoutedPartitionRefused", func(t *testing.T) { testRoutedPartitionRefused(t, pg) })
+	t.Run("PartitionReplicaIdentity", func(t *testing.T) { testPartitionIdentity(t, pg) })
 	t.Run("CompositeKeys", func(t *testing.T) { testCompositeKeys(t, pg) })
 	t.Run("InvalidUTF8IDRefused", func(t *testing.T) { testInvalidUTF8(t, pg) })
 }
@@ -401,6 +402,54 @@ func testRoutedPartitionRefused(t *testing.T, pg *testenv.PG) {
 	err := r.exited(t)
 	if !errors.Is(err, ErrPrecondition) || !strings.Contains(err.Error(), "partition of public.parted") || !strings.Contains(err.Error(), "route public.parted instead") {
 		t.Fatalf("Run = %v", err)
+	}
+}
+
+// A DELETE via the root carries the partition's replica identity, and
+// partitions do not inherit REPLICA IDENTITY FULL: a partition that lacks
+// the document type column is refused at start, and one created so
+// mid-stream stops the publisher at its first DELETE instead of misrouting
+// the deletion to meta.
+func testPartitionIdentity(t *testing.T, pg *testenv.PG) {
+	db := newDB(t, pg, `
+CREATE TABLE pforms (form_id text, k int, doc_type text NOT NULL, PRIMARY KEY (form_id, k)) PARTITION BY RANGE (k);
+ALTER TABLE pforms REPLICA IDENTITY FULL;
+CREATE TABLE pforms_1 PARTITION OF pforms FOR VALUES FROM (0) TO (10);`)
+	routing := parseRouting(t, `
+tables:
+  - {table: pforms, document_type_column: doc_type, id_column: form_id}
+`)
+	kafka := kafkaOf(testenv.Kafka(t))
+	r := start(t, db, kafka, Config{Routing: routing})
+	err := r.exited(t)
+	if !errors.Is(err, ErrPrecondition) || !strings.Contains(err.Error(), "partition public.pforms_1") || !strings.Contains(err.Error(), `ALTER TABLE "public"."pforms_1" REPLICA IDENTITY FULL`) {
+		t.Fatalf("Run = %v", err)
+	}
+
+	db.exec(t, "ALTER TABLE pforms_1 REPLICA IDENTITY FULL")
+	r = start(t, db, kafka, Config{Routing: routing})
+	r.waitStreaming(t)
+	cons := consume(t, kafka, "form-sql", "meta")
+	db.exec(t, "INSERT INTO pforms VALUES ('f1', 1, 'XFormInstance')")
+	db.exec(t, "DELETE FROM pforms WHERE form_id = 'f1'")
+	testenv.Eventually(t, waitFor, func() string {
+		for _, s := range cons.stubs(t, "form-sql") {
+			if s.DocumentID == "f1" && s.IsDeletion && s.DocumentType == "XFormInstance" {
+				return ""
+			}
+		}
+		return "no deletion stub of f1 on form-sql"
+	})
+
+	db.exec(t, "CREATE TABLE pforms_2 PARTITION OF pforms FOR VALUES FROM (10) TO (20)")
+	db.exec(t, "INSERT INTO pforms VALUES ('f2', 11, 'XFormInstance')")
+	db.exec(t, "DELETE FROM pforms WHERE form_id = 'f2'")
+	err = r.exited(t)
+	if !errors.Is(err, ErrSchema) || !strings.Contains(err.Error(), "public.pforms_2 (a partition of public.pforms)") || !strings.Contains(err.Error(), "doc_type") {
+		t.Fatalf("Run = %v", err)
+	}
+	if meta := cons.stubs(t, "meta"); len(meta) > 0 {
+		t.Fatalf("deletion misrouted to meta: %+v", meta[0])
 	}
 }
 

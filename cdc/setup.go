@@ -110,6 +110,11 @@ FROM pg_class c WHERE c.oid = to_regclass($1)`, quoted).Scan(&oid, &kind, &ident
 		return precondition("routing file %s: table %s: field document_type_column: column %q is not in the table's replica identity (%s), so a DELETE would not carry the document type and its stub would be misrouted; run ALTER TABLE %s REPLICA IDENTITY FULL",
 			file, t.QualifiedName(), tc, strings.Join(identity, ", "), quoted)
 	}
+	if kind == "p" {
+		if err := checkPartitionIdentities(ctx, db, file, t); err != nil {
+			return err
+		}
+	}
 	var missing []string
 	for _, fc := range t.columns() {
 		if !slices.Contains(identity, fc.column) && fc.field != "deletion.column" {

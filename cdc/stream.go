@@ -50,6 +50,11 @@ type stream struct {
 	// watch reports partitions that left a routed table or were truncated
 	// without the stream saying so.
 	watch *partitionWatch
+	// lacking holds, per routed root table, its partitions whose replica
+	// identity lacks a column a DELETE needs (as their own Relation
+	// messages say): a DELETE published via the root carries the
+	// partition's old key, so the root's Relation message alone cannot tell.
+	lacking map[string]map[uint32]*relation
 
 	// Current transaction.
 	inTx    bool
@@ -96,6 +101,7 @@ func newStream(p *Publisher, db *pgx.Conn, conn *pgconn.PgConn, start stub.LSN) 
 		tr:       &ack.Tracker[txPos]{},
 		rels:     map[uint32]*relation{},
 		watch:    newPartitionWatch(p.cfg.Routing, p.cfg.Publication),
+		lacking:  map[string]map[uint32]*relation{},
 		startPos: start,
 	}
 }
@@ -309,6 +315,9 @@ func (s *stream) rowChange(m []byte) error {
 		if len(rel.deleteMissing) > 0 {
 			return rel.errDeleteUnroutable(s.p.cfg.Routing.File, s.p.cfg.Slot, s.tx.finalLSN, s.tx.xid)
 		}
+		if part := s.lackingPartition(rel); part != nil {
+			return part.errDeleteUnroutable(s.p.cfg.Routing.File, s.p.cfg.Slot, s.tx.finalLSN, s.tx.xid)
+		}
 		return s.rowStub(rel, &s.old, !rel.isChild())
 	case 'U':
 		if hasOld {
@@ -361,6 +370,25 @@ func (s *stream) keyChanged(rel *relation) bool {
 	return s.old.v[slotID].present() && !bytes.Equal(s.old.v[slotID].data, s.rows.v[slotID].data)
 }
 
+// lackingPartition returns a partition of rel whose replica identity lacks
+// a column this DELETE's old tuple does not carry (nil if none): the DELETE
+// may come from it, and a value that is not there cannot be routed. A value
+// that is there was carried, whatever partition it came from.
+func (s *stream) lackingPartition(rel *relation) *relation {
+	for _, part := range s.lacking[rel.qualified] {
+		for _, fc := range part.deleteMissing {
+			slot := slotID
+			if fc.field == "document_type_column" {
+				slot = slotType
+			}
+			if !s.old.v[slot].present() {
+				return part
+			}
+		}
+	}
+	return nil
+}
+
 // logRelation says once per Relation message what will become of the
 // table's changes.
 func (s *stream) logRelation(rel *relation) {
@@ -383,6 +411,14 @@ func (s *stream) logRelation(rel *relation) {
 	if rel.route != nil && rel.root != rel.qualified {
 		log.Debug("partition routed by its root table", "partition", rel.qualified, "table", rel.root)
 		s.watch.saw(rel.id, rel.root, rel.qualified)
+		if s.lacking[rel.root] == nil {
+			s.lacking[rel.root] = map[uint32]*relation{}
+		}
+		if len(rel.deleteMissing) > 0 {
+			s.lacking[rel.root][rel.id] = rel
+		} else {
+			delete(s.lacking[rel.root], rel.id)
+		}
 	}
 }
 

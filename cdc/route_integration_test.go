@@ -522,6 +522,7 @@ func testInvalidUTF8(t *testing.T, pg *testenv.PG) {
 	r.waitStreaming(t)
 	cons := consume(t, kafka, "case-sql")
 	db.exec(t, `INSERT INTO cases (case_id, domain) VALUES (E'x\xff', 'd'), (E'x\xfe', 'd')`)
+	db.exec(t, `SELECT pg_logical_emit_message(true, 'changefeed', E'{"document_id":"y\xff","data_source_type":"sql","data_source_name":"app","document_type":"CommCareCase"}')`)
 	db.exec(t, `INSERT INTO cases (case_id, domain) VALUES ('ok', 'd')`)
 	got := cons.waitStubs(t, "case-sql", 1)
 	for _, s := range got {
@@ -537,6 +538,9 @@ func testInvalidUTF8(t *testing.T, pg *testenv.PG) {
 	})
 	if !strings.Contains(r.logs.String(), "row refused") {
 		t.Error("no ERROR line for the refused rows")
+	}
+	if v := r.metric(t, "changefeed_cdc_invalid_messages_total"); v != 1 {
+		t.Errorf("invalid messages = %v (the emitted stub with a non-UTF-8 id)", v)
 	}
 	// Nothing else than "ok" arrived: the stream went on past the refused rows.
 	if n := len(cons.stubs(t, "case-sql")); n != 1 {

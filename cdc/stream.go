@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
@@ -627,6 +628,11 @@ func (s *stream) message(m []byte) error {
 	}
 	if !lm.Transactional || !s.inTx {
 		return invalid("not transactional: use pg_logical_emit_message(true, 'changefeed', …)", nil)
+	}
+	if !utf8.Valid(lm.Content) {
+		// encoding/json would replace the invalid bytes with U+FFFD, so two
+		// ids could become one.
+		return invalid("not valid UTF-8", nil)
 	}
 	st, err := stub.Unmarshal(lm.Content)
 	if err != nil {

@@ -228,6 +228,9 @@ WHERE p.pubname = $1`, p.cfg.Publication, tables)
 	}
 	if len(add) > 0 {
 		if _, err := db.Exec(ctx, "ALTER PUBLICATION "+pub+" ADD TABLE "+strings.Join(add, ", ")); err != nil {
+			if isTransient(err) {
+				return fmt.Errorf("add tables to publication %s: %w", p.cfg.Publication, err)
+			}
 			return precondition("publication %s does not publish the routed tables %s and adding them failed: %v; run ALTER PUBLICATION %s ADD TABLE %s as the tables' owner",
 				p.cfg.Publication, strings.Join(add, ", "), err, pub, strings.Join(add, ", "))
 		}

@@ -33,6 +33,7 @@ func TestRoutingOnline(t *testing.T) {
 	t.Run("PartitionsViaCreatedPublication", func(t *testing.T) { testPartitionsCreatedPublication(t, pg) })
 	t.Run("RoutedPartitionRefused", func(t *testing.T) { testRoutedPartitionRefused(t, pg) })
 	t.Run("PartitionReplicaIdentity", func(t *testing.T) { testPartitionIdentity(t, pg) })
+	t.Run("PublicationNotCoveringRefused", func(t *testing.T) { testPublicationNotCovering(t, pg) })
 	t.Run("CompositeKeys", func(t *testing.T) { testCompositeKeys(t, pg) })
 	t.Run("InvalidUTF8IDRefused", func(t *testing.T) { testInvalidUTF8(t, pg) })
 }
@@ -450,6 +451,29 @@ tables:
 	}
 	if meta := cons.stubs(t, "meta"); len(meta) > 0 {
 		t.Fatalf("deletion misrouted to meta: %+v", meta[0])
+	}
+}
+
+// A pre-existing publication that lacks a routed table, and that the
+// publisher's role cannot change, is refused with the SQL to run.
+func testPublicationNotCovering(t *testing.T, pg *testenv.PG) {
+	db := newDB(t, pg, schema+`
+CREATE ROLE cdc_route_notowner LOGIN REPLICATION PASSWORD 'pw';
+GRANT USAGE ON SCHEMA public TO cdc_route_notowner;`)
+	t.Cleanup(func() {
+		db.exec(t, "DROP OWNED BY cdc_route_notowner")
+		pg.Exec(t, "DROP ROLE IF EXISTS cdc_route_notowner")
+	})
+	db.exec(t, "CREATE PUBLICATION "+pgx.Identifier{db.name}.Sanitize()+" FOR TABLE cases, case_index")
+	if err := migrateAs(db.url); err != nil {
+		t.Fatal(err)
+	}
+	kafka := kafkaOf(testenv.Kafka(t))
+	r := start(t, db, kafka, Config{Routing: testRouting(t), PostgresURL: strings.Replace(db.url, "postgres:postgres@", "cdc_route_notowner:pw@", 1)})
+	err := r.exited(t)
+	if !errors.Is(err, ErrPrecondition) || !strings.Contains(err.Error(), `does not publish the routed tables "public"."forms"`) ||
+		!strings.Contains(err.Error(), "ALTER PUBLICATION "+pgx.Identifier{db.name}.Sanitize()+` ADD TABLE "public"."forms"`) {
+		t.Fatalf("Run = %v", err)
 	}
 }
 

@@ -64,6 +64,7 @@ type relation struct {
 	route        *TableRoute // nil: published but not routed (goes to the default topic)
 	skip         bool        // changefeed's own tables, or unroutable
 	noKey        bool        // published, not routed, and without a key
+	gone         bool        // not routed by name and no longer in the catalog
 	identity     byte        // pgoutput's replica identity: 'd', 'n', 'f' or 'i'
 	identityCols []string    // the columns a DELETE carries
 	need         []int       // per column: slot, slotNone, or slotKeyBase-k
@@ -129,6 +130,7 @@ func newRelation(ctx context.Context, m *pglogrepl.RelationMessage, r *Routing, 
 		if info, err = cat.describe(ctx, m.RelationID); err != nil {
 			return nil, fmt.Errorf("describe relation %s: %w", rel.qualified, err)
 		}
+		rel.gone = !info.exists
 		if info.exists && (info.rootSchema != m.Namespace || info.rootName != m.RelationName) {
 			// A partition published under its own name: route it by its
 			// root, as publish_via_partition_root = true would.

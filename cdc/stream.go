@@ -398,6 +398,9 @@ func (s *stream) logRelation(rel *relation) {
 	case rel.noKey:
 		log.Warn("published table is not in the routing file and has neither a replica identity key nor a primary key: its changes are skipped",
 			"table", rel.qualified, "replica_identity", identityName(rel.identity))
+	case rel.route == nil && !rel.skip && rel.gone:
+		log.Warn("published relation is not in the routing file and no longer exists, so whether it was a partition of a routed table cannot be told: its changes (if any are published under its own name) go to the default topic",
+			"relation", rel.qualified, "topic", rel.topic)
 	case rel.route == nil && !rel.skip:
 		log.Warn("published table is not in the routing file: its stubs go to the default topic with document_type = table name",
 			"table", rel.root, "relation", rel.qualified, "topic", rel.topic)

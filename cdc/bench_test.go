@@ -167,7 +167,7 @@ func walBenchPublisherRun(b *testing.B, url string, conn *pgx.Conn, d walbench.D
 	}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	kcfg := kafkaconn.Config{Brokers: cluster.ListenAddrs()}
-	prod, err := publish.New(kcfg, publish.Options{Partitions: 3, MaxBufferedRecords: 2*10000 + 100, Component: "cdc"}, log, nil)
+	prod, err := publish.New(kcfg, publish.Options{Partitions: 3, ReplicationFactor: 1, MinInsyncReplicas: 1, MaxBufferedRecords: 2*10000 + 100, Component: "cdc"}, log, nil)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -178,7 +178,7 @@ func start(t *testing.T, db *testDB, kafka kafkaconn.Config, cfg Config) *runnin
 	logs := &syncBuffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	reg := prometheus.NewRegistry()
-	prod, err := publish.New(kafka, publish.Options{Partitions: 3, Component: "cdc", Linger: time.Millisecond}, log, reg)
+	prod, err := publish.New(kafka, publish.Options{Partitions: 3, ReplicationFactor: 1, MinInsyncReplicas: 1, OversizedTopic: oversizedTopic, Component: "cdc", Linger: time.Millisecond}, log, reg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -48,9 +48,9 @@ type stream struct {
 	conn *pgconn.PgConn
 	tr   *ack.Tracker[txPos]
 	rels map[uint32]*relation
-	// watch reports partitions that left a routed table or were truncated
+	// parts reports partitions that left a routed table or were truncated
 	// without the stream saying so.
-	watch *partitionWatch
+	parts *partitionWatch
 	// lacking holds, per routed root table, its partitions whose replica
 	// identity lacks a column a DELETE needs (as their own Relation
 	// messages say): a DELETE published via the root carries the
@@ -86,6 +86,13 @@ type stream struct {
 	// silent for longer than silenceTimeout is taken as dead.
 	lastReceived time.Time
 
+	// Slot and publication watch (see watch): when a warning was last
+	// logged, the previous safe_wal_size (-1: none), and per missing routed
+	// table when it was last reported.
+	lastSlotWarn  time.Time
+	lastSafe      int64
+	missingWarned map[string]time.Time
+
 	// Scratch reused for every change.
 	rows, old  rowVals
 	fields     stubFields
@@ -101,15 +108,49 @@ func newStream(p *Publisher, db *pgx.Conn, conn *pgconn.PgConn, start stub.LSN) 
 		p: p, db: db, conn: conn,
 		tr:       &ack.Tracker[txPos]{},
 		rels:     map[uint32]*relation{},
-		watch:    newPartitionWatch(p.cfg.Routing, p.cfg.Publication),
+		parts:    newPartitionWatch(p.cfg.Routing, p.cfg.Publication),
 		lacking:  map[string]map[uint32]*relation{},
 		startPos: start,
+		lastSafe: -1,
+
+		missingWarned: map[string]time.Time{},
 	}
 }
 
 // run streams until ctx is done (then it flushes and confirms: shutdown) or
-// an error.
+// an error. Before returning an error a restart would not cure, it confirms
+// what Kafka acknowledged (see confirmBeforeExit).
 func (s *stream) run(ctx context.Context) error {
+	err := s.stream(ctx)
+	if err != nil && ctx.Err() == nil && !isTransient(err) && !errors.Is(err, errConfirmFailed) {
+		s.confirmBeforeExit(err)
+	}
+	return err
+}
+
+// confirmBeforeExit confirms the acknowledged prefix before a fatal exit:
+// without it the next start (after the operator's fix) would replay, and
+// publish again, everything since the last periodic confirmation; and a
+// failure in a transaction would drag along the transactions before it. The
+// tracker's position never passes an unacknowledged or failed stub, so
+// confirming it loses nothing; a failure here only leaves more to replay.
+func (s *stream) confirmBeforeExit(cause error) {
+	p := s.p
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownTimeout)
+	defer cancel()
+	if err := p.prod.Flush(ctx); err != nil {
+		p.log.Warn("stopping on an error: producer not flushed, unacknowledged stubs will be published again after restart", "err", err)
+	}
+	_ = s.conn.Conn().SetReadDeadline(time.Time{})
+	s.ctx = ctx
+	if err := s.confirm(true); err != nil {
+		p.log.Warn("stopping on an error: could not confirm the acknowledged prefix; it will be published again after restart", "err", err, "cause", cause)
+		return
+	}
+	p.log.Info("stopping on an error: confirmed what Kafka acknowledged", "confirmed", p.Confirmed(), "cause", cause)
+}
+
+func (s *stream) stream(ctx context.Context) error {
 	p := s.p
 	s.ctx = ctx
 	ticker := time.NewTicker(p.cfg.StatusInterval)
@@ -174,7 +215,10 @@ func (s *stream) run(ctx context.Context) error {
 	}
 }
 
-var errStopping = errors.New("stopping")
+var (
+	errStopping      = errors.New("stopping")
+	errConfirmFailed = errors.New("checkpoint")
+)
 
 // silenceTimeout is how long the replication connection may stay silent
 // (no data, no keepalive, even when asked for one) before it is reconnected.
@@ -239,14 +283,17 @@ func (s *stream) walMessage(m []byte) error {
 		return s.rowChange(m)
 	case 'R':
 		var rm pglogrepl.RelationMessage
-		if err := rm.Decode(m[1:]); err != nil {
+		if err := decodeLib('R', &rm, m[1:]); err != nil {
 			return fmt.Errorf("pgoutput relation: %w", err)
 		}
 		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
 		rel, err := newRelation(ctx, &rm, s.p.cfg.Routing, pgCatalog{s.db})
 		cancel()
 		if err != nil {
-			return err
+			// DDL on a routed table (see ddl.go).
+			if rel, err = s.resolveSchemaChange(&rm, err); err != nil {
+				return err
+			}
 		}
 		s.logRelation(rel)
 		s.rels[rel.id] = rel
@@ -297,11 +344,15 @@ func (s *stream) rowChange(m []byte) error {
 	if len(rest) == 0 {
 		return errShortMessage
 	}
-	if rest[0] == 'K' || rest[0] == 'O' {
+	switch {
+	case kind != 'I' && (rest[0] == 'K' || rest[0] == 'O'):
 		if rest, err = scanTuple(rest[1:], rel, &s.old); err != nil {
 			return err
 		}
 		hasOld = true
+	case kind == 'D':
+		// Not a row without an id to skip: a malformed message.
+		return fmt.Errorf("pgoutput: DELETE of %s without a key or old tuple", rel.qualified)
 	}
 	if kind != 'D' {
 		if len(rest) == 0 || rest[0] != 'N' {
@@ -414,7 +465,7 @@ func (s *stream) logRelation(rel *relation) {
 	}
 	if rel.route != nil && rel.root != rel.qualified {
 		log.Debug("partition routed by its root table", "partition", rel.qualified, "table", rel.root)
-		s.watch.saw(rel.id, rel.root, rel.qualified)
+		s.parts.saw(rel.id, rel.root, rel.qualified)
 		if s.lacking[rel.root] == nil {
 			s.lacking[rel.root] = map[uint32]*relation{}
 		}
@@ -583,7 +634,15 @@ func (o *outRecord) finish(err error) {
 		p.printStub(&o.r)
 	}
 	if err != nil {
-		p.log.Error("Kafka refused a stub for good", "topic", o.r.Topic, "key", string(o.r.Key), "err", err)
+		switch {
+		case errors.Is(err, kgo.ErrClientClosed) || errors.Is(err, context.Canceled):
+			// Shutting down with stubs unacknowledged (a Kafka outage): not
+			// a refusal; shutdown said they will be published again.
+		default:
+			if ok, n := p.refusedLog.allow(time.Now()); ok {
+				p.log.Error("Kafka refused a stub for good", "topic", o.r.Topic, "key", string(o.r.Key), "err", err, "suppressed_since_last", n)
+			}
+		}
 	}
 	o.u = nil
 	if cap(o.r.Value) > 64<<10 {
@@ -605,10 +664,7 @@ func (o *outRecord) finish(err error) {
 // message handles a logical decoding message (pg_logical_emit_message).
 func (s *stream) message(m []byte) error {
 	var lm pglogrepl.LogicalDecodingMessage
-	if len(m) < 14 {
-		return errShortMessage
-	}
-	if err := lm.Decode(m); err != nil {
+	if err := decodeLib('M', &lm, m); err != nil {
 		return fmt.Errorf("pgoutput message: %w", err)
 	}
 	switch lm.Prefix {
@@ -686,10 +742,7 @@ func (s *stream) truncate(m []byte) error {
 		return errors.New("pgoutput: TRUNCATE outside a transaction")
 	}
 	var tm pglogrepl.TruncateMessage
-	if len(m) < 9 {
-		return errShortMessage
-	}
-	if err := tm.Decode(m); err != nil {
+	if err := decodeLib('T', &tm, m); err != nil {
 		return fmt.Errorf("pgoutput truncate: %w", err)
 	}
 	p := s.p
@@ -715,7 +768,7 @@ func (s *stream) truncate(m []byte) error {
 			return err
 		}
 		p.m.truncates.WithLabelValues(rel.root).Inc()
-		s.watch.forget[rel.root] = true
+		s.parts.forget[rel.root] = true
 		p.log.Warn("TRUNCATE of a published table: no per-row stubs are published; a table-level event goes to the control topic, consumers must resync the table",
 			"table", rel.root, "partition", ev.Partition, "lsn", s.tx.finalLSN, "xid", s.tx.xid, "control_topic", p.cfg.ControlTopic)
 		if err := s.emit(p.cfg.ControlTopic, []byte(rel.root), nil, value); err != nil {
@@ -765,10 +818,17 @@ func (s *stream) tick() error {
 			return fmt.Errorf("sample lag: %w", err)
 		}
 		p.m.lagBytes.Set(float64(lag))
+		ctx, cancel = context.WithTimeout(s.ctx, 10*time.Second)
+		err = s.watch(ctx)
+		cancel()
+		if err != nil && s.ctx.Err() == nil {
+			return err
+		}
 		if err := s.checkPartitions(); err != nil {
 			return err
 		}
 	}
+	p.m.pendingTx.Set(float64(s.tr.Units()))
 	return nil
 }
 
@@ -777,7 +837,7 @@ func (s *stream) tick() error {
 func (s *stream) checkPartitions() error {
 	p := s.p
 	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
-	changes, err := s.watch.check(ctx, s.db)
+	changes, err := s.parts.check(ctx, s.db)
 	cancel()
 	if err != nil {
 		if s.ctx.Err() != nil {
@@ -829,7 +889,7 @@ func (s *stream) confirm(force bool) error {
 			p.m.checkpointErrors.Inc()
 			// Nothing is confirmed without a checkpoint: give up the
 			// session (the reconnect path retries).
-			return fmt.Errorf("checkpoint: %w", err)
+			return fmt.Errorf("%w: %w", errConfirmFailed, err)
 		}
 	}
 	due := now.Sub(s.lastStatus) >= p.cfg.KeepaliveInterval

@@ -124,6 +124,9 @@ tables:
 				"CHANGEFEED_ROUTING_FILE":         routing,
 				"CHANGEFEED_HTTP_ADDR":            "off",
 				"CHANGEFEED_STATUS_INTERVAL":      "100ms",
+				// kfake has one broker.
+				"CHANGEFEED_KAFKA_REPLICATION_FACTOR":  "1",
+				"CHANGEFEED_KAFKA_MIN_INSYNC_REPLICAS": "1",
 			}
 
 			if i == 0 {
@@ -226,6 +229,27 @@ func cdcWrongKafkaPassword(t *testing.T, env map[string]string) {
 		t.Errorf("exit %d after SIGTERM", code)
 	}
 	if strings.Contains(bp.output(), cdcKafkaSecret) {
+		t.Error("output contains the Kafka password")
+	}
+
+	// Left alone, the refusal ends the process after --kafka-fail-after
+	// with exit 2 and the cause, logged once.
+	bad["CHANGEFEED_KAFKA_FAIL_AFTER"] = "2s"
+	bp = cdcStart(t, bad)
+	select {
+	case <-bp.done:
+	case <-time.After(time.Minute):
+		t.Fatal("publisher still running a minute after a SASL refusal with --kafka-fail-after 2s")
+	}
+	var exit *exec.ExitError
+	if !errors.As(bp.err, &exit) || exit.ExitCode() != 2 {
+		t.Fatalf("exit %v after a lasting SASL refusal, want 2", bp.err)
+	}
+	out := bp.output()
+	if n := strings.Count(out, "retrying cannot cure"); n != 1 || !strings.Contains(out, "SASL") {
+		t.Errorf("%d lines naming the lasting refusal, want 1 naming SASL", n)
+	}
+	if strings.Contains(out, cdcKafkaSecret) {
 		t.Error("output contains the Kafka password")
 	}
 }

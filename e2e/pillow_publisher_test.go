@@ -63,6 +63,8 @@ func TestPillowPublisherToReportingTable(t *testing.T) {
 		"CHANGEFEED_HTTP_ADDR=127.0.0.1:0",
 		"CHANGEFEED_SLOT=pillow_e2e",
 		"CHANGEFEED_PUBLICATION=pillow_e2e",
+		"CHANGEFEED_KAFKA_REPLICATION_FACTOR=1", // kfake has one broker
+		"CHANGEFEED_KAFKA_MIN_INSYNC_REPLICAS=1",
 	)
 	pubOut := &lockedWriter{w: new(strings.Builder)}
 	pub.Stdout, pub.Stderr = pubOut, pubOut

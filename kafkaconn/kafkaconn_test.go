@@ -20,6 +20,8 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/changefeed/changefeed/internal/testenv"
 )
 
 func TestOptsValidation(t *testing.T) {
@@ -125,4 +127,36 @@ func selfSigned(t *testing.T, dir string) (string, tls.Certificate) {
 		t.Fatal(err)
 	}
 	return path, cert
+}
+
+// TestPlainSASLNeedsTLSOrOptIn: SASL PLAIN without TLS would send the
+// password in clear text; it is refused unless allowed explicitly, and then
+// works against a PLAIN broker.
+func TestPlainSASLNeedsTLSOrOptIn(t *testing.T) {
+	k := testenv.Kafka(t, testenv.WithSASL("PLAIN", "changefeed", "plain-secret"))
+	c := Config{Brokers: k.Brokers(), SASLMechanism: "PLAIN", SASLUser: "changefeed", SASLPassword: "plain-secret"}
+	_, err := c.Opts()
+	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "clear text") || strings.Contains(err.Error(), "plain-secret") {
+		t.Fatalf("PLAIN without TLS: err = %v, want ErrConfig about clear text", err)
+	}
+	scram := c
+	scram.SASLMechanism = "SCRAM-SHA-256"
+	if _, err := scram.Opts(); err != nil {
+		t.Fatalf("SCRAM without TLS needs no opt-in: %v", err)
+	}
+	c.AllowPlaintextSASL = true
+	opts, err := c.Opts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := kgo.NewClient(append(opts, kgo.AllowAutoTopicCreation())...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := cl.ProduceSync(ctx, &kgo.Record{Topic: "t", Value: []byte("v")}).FirstErr(); err != nil {
+		t.Fatalf("PLAIN without TLS, allowed: %v", err)
+	}
 }

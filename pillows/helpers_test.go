@@ -264,7 +264,7 @@ func (e *env) runner(opts ...func(*pillows.Options)) *pillows.Runner {
 }
 
 func (e *env) deadLetters() pillows.DeadLetters {
-	p, err := publish.New(kafkaconn.Config{Brokers: e.brokers}, publish.Options{Partitions: 1}, e.log, nil)
+	p, err := publish.New(kafkaconn.Config{Brokers: e.brokers}, publish.Options{Partitions: 1, ReplicationFactor: 1, MinInsyncReplicas: 1}, e.log, nil)
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -4,11 +4,27 @@
 //   - idempotent producer with acks=all: a retried batch is written once per
 //     partition and in order, and an acknowledged record is on every in-sync
 //     replica;
+//   - topics it creates get the configured replication factor and
+//     min.insync.replicas (default 3 and 2), and an existing topic whose
+//     min.insync.replicas is below the configured one is refused (acks=all
+//     on such a topic may acknowledge a record held by one broker only);
 //   - key = document id, so one document's stubs stay in one partition in the
 //     order they were published;
 //   - unbounded retries: a broker outage stalls publishing (and so the
 //     sources' checkpoints) instead of dropping records; the buffer is bounded,
 //     so a long outage applies back-pressure to the source, not memory growth.
+//
+// What retrying cannot cure ends the producer instead of stalling it for
+// ever: a SASL or TLS refusal or a deleted topic that lasts longer than
+// Options.FailAfter, and data loss detected by the idempotent producer. The
+// producer then reports not ready at once, fails for good after the bound
+// (Err, Failed, StopOnFailure), and the binaries exit with the cause.
+//
+// A stub larger than its topic's max.message.bytes (which only a huge id or
+// domain produces) can never be written; it is recorded to
+// Options.OversizedTopic (id prefix and hash, version, size), counted and
+// logged as an error, and then reported as delivered so that the source moves
+// past it instead of crash-looping on it.
 //
 // Publish reports each record's fate through a callback; the caller decides
 // what to checkpoint from those callbacks (see package ack). Nothing in this
@@ -20,26 +36,82 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/changefeed/changefeed/kafkaconn"
 	"github.com/changefeed/changefeed/stub"
 )
 
-// Options tune the producer. The zero value is usable.
+// Errors a caller acts on. Each is permanent (see Permanent): retrying the
+// same call with the same settings fails the same way.
+var (
+	// ErrDenied: the broker's ACLs refuse an operation the producer needs;
+	// the message names the operation and the resource.
+	ErrDenied = errors.New("kafka denied the operation")
+	// ErrTopicSettings: an existing topic cannot hold the configured
+	// durability (min.insync.replicas, replication factor), or the broker
+	// refused to create a topic with the configured settings.
+	ErrTopicSettings = errors.New("kafka topic settings")
+	// ErrAuth: SASL or TLS failed for longer than Options.FailAfter.
+	ErrAuth = errors.New("kafka refused the connection (SASL or TLS)")
+	// ErrTopicDeleted: a topic the producer ensured has been missing for
+	// longer than Options.FailAfter.
+	ErrTopicDeleted = errors.New("kafka topic deleted")
+	// ErrDataLoss: the idempotent producer saw that the broker lost
+	// records it had acknowledged.
+	ErrDataLoss = errors.New("kafka lost acknowledged records")
+)
+
+// Permanent reports whether err is one that retrying cannot cure.
+func Permanent(err error) bool {
+	for _, s := range []error{ErrDenied, ErrTopicSettings, ErrAuth, ErrTopicDeleted, ErrDataLoss, kafkaconn.ErrConfig} {
+		if errors.Is(err, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// Options tune the producer. The zero value is usable and asks for a
+// three-broker cluster's durability; a single-broker cluster needs
+// ReplicationFactor 1 and MinInsyncReplicas 1.
 type Options struct {
 	// Partitions for topics this producer creates. Default 3. More
 	// partitions let more pillow workers share a topic; one document's
 	// stubs stay in one partition whatever the count.
 	Partitions int32
-	// ReplicationFactor for created topics; -1 (default) uses the broker's
-	// default.replication.factor. Use 3 on a production cluster.
+	// ReplicationFactor for created topics. Default 3; -1 uses the
+	// broker's default.replication.factor. An existing topic with fewer
+	// replicas is logged as a warning.
 	ReplicationFactor int16
+	// MinInsyncReplicas is set as min.insync.replicas on created topics
+	// and required of existing ones (refused if lower, see
+	// AllowUnsafeTopics). Default 2: with acks=all, an acknowledged record
+	// is then on at least two brokers. -1 sets and checks nothing.
+	MinInsyncReplicas int
+	// AllowUnsafeTopics turns the refusal of an existing topic whose
+	// min.insync.replicas is below MinInsyncReplicas (or whose settings
+	// cannot be read for lack of the DESCRIBE_CONFIGS ACL) into an
+	// error-level log line at every start. A topic whose replication
+	// factor is below its own min.insync.replicas is always refused:
+	// every write to it would fail.
+	AllowUnsafeTopics bool
+	// OversizedTopic receives a small record for each stub too large for
+	// its topic, after which the stub counts as delivered. Empty: such a
+	// stub fails like any other record (the caller stops).
+	OversizedTopic string
+	// FailAfter bounds how long a SASL/TLS refusal or a deleted topic may
+	// last before the producer fails for good. Readiness fails at once.
+	// Default 1m.
+	FailAfter time.Duration
+	// CheckInterval is how often the producer checks that the brokers
+	// accept it and its topics exist. Default 5s.
+	CheckInterval time.Duration
 	// MaxBufferedRecords bounds the records waiting for an ack; when full,
 	// Publish blocks, which is what bounds memory through an outage.
 	// Default 10000.
@@ -51,6 +123,30 @@ type Options struct {
 	Component string
 }
 
+func (o *Options) setDefaults() {
+	if o.Partitions <= 0 {
+		o.Partitions = 3
+	}
+	if o.ReplicationFactor == 0 {
+		o.ReplicationFactor = 3
+	}
+	if o.MinInsyncReplicas == 0 {
+		o.MinInsyncReplicas = 2
+	}
+	if o.FailAfter <= 0 {
+		o.FailAfter = time.Minute
+	}
+	if o.CheckInterval <= 0 {
+		o.CheckInterval = 5 * time.Second
+	}
+	if o.MaxBufferedRecords <= 0 {
+		o.MaxBufferedRecords = 10000
+	}
+	if o.Linger <= 0 {
+		o.Linger = 5 * time.Millisecond
+	}
+}
+
 // Producer publishes stubs.
 type Producer struct {
 	cl      *kgo.Client
@@ -58,89 +154,106 @@ type Producer struct {
 	opts    Options
 	log     *slog.Logger
 	metrics *metrics
+
+	// limits holds each ensured topic's max.message.bytes (int32), read
+	// by the client once per partition to cap its batches, so that a batch
+	// of small records never exceeds what the broker accepts.
+	limits sync.Map
+
+	health health
+
+	// diverting counts oversized records being recorded; Flush waits for
+	// them.
+	diverting sync.WaitGroup
+
+	stopCheck context.CancelFunc
+	checkDone chan struct{}
 }
 
 type metrics struct {
 	published *prometheus.CounterVec
 	errors    *prometheus.CounterVec
+	oversized *prometheus.CounterVec
+	dataLoss  prometheus.Counter
+	problems  *prometheus.GaugeVec
 }
 
-// New connects a producer. Connection problems are not reported here (the
-// client dials lazily); see Ping.
+// New connects a producer and starts its background check. Connection
+// problems are not reported here (the client dials lazily); see Ping.
 func New(conn kafkaconn.Config, opts Options, log *slog.Logger, reg prometheus.Registerer) (*Producer, error) {
-	if opts.Partitions <= 0 {
-		opts.Partitions = 3
-	}
-	if opts.ReplicationFactor == 0 {
-		opts.ReplicationFactor = -1
-	}
-	if opts.MaxBufferedRecords <= 0 {
-		opts.MaxBufferedRecords = 10000
-	}
-	if opts.Linger <= 0 {
-		opts.Linger = 5 * time.Millisecond
+	opts.setDefaults()
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
 	kopts, err := conn.Opts()
 	if err != nil {
 		return nil, err
 	}
+	p := &Producer{opts: opts, log: log}
+	p.health.init()
 	kopts = append(kopts,
 		kgo.RequiredAcks(kgo.AllISRAcks()),
 		kgo.MaxBufferedRecords(opts.MaxBufferedRecords),
 		kgo.ProducerLinger(opts.Linger),
 		kgo.ProducerBatchCompression(kgo.NoCompression()),
+		kgo.ProducerBatchMaxBytesFn(p.batchMaxBytes),
 		// Topics are created explicitly by EnsureTopics; a broker that
-		// auto-creates with other settings must not decide our layout.
+		// auto-creates with other settings must not decide our layout. A
+		// topic that disappears is detected by the background check,
+		// which fails readiness and then the producer (ErrTopicDeleted).
 		kgo.UnknownTopicRetries(-1),
+		kgo.ProducerOnDataLossDetected(p.dataLossDetected),
+		kgo.WithHooks(saslHook{p}),
+		kafkaconn.Logger(log),
 	)
-	cl, err := kgo.NewClient(kopts...)
-	if err != nil {
-		return nil, fmt.Errorf("kafka client: %w", err)
-	}
-	m := &metrics{
+	labels := prometheus.Labels{"component": opts.Component}
+	p.metrics = &metrics{
 		published: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "changefeed_stubs_published_total", Help: "Stubs acknowledged by Kafka, per topic.",
-			ConstLabels: prometheus.Labels{"component": opts.Component},
+			ConstLabels: labels,
 		}, []string{"topic"}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "changefeed_produce_errors_total", Help: "Records that failed for good, per topic.",
-			ConstLabels: prometheus.Labels{"component": opts.Component},
+			ConstLabels: labels,
 		}, []string{"topic"}),
+		oversized: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "changefeed_stubs_oversized_total", Help: "Stubs larger than their topic's max.message.bytes, recorded to the oversized topic and skipped, per topic.",
+			ConstLabels: labels,
+		}, []string{"topic"}),
+		dataLoss: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "changefeed_kafka_data_loss_total", Help: "Partitions on which the producer detected that Kafka lost acknowledged records.",
+			ConstLabels: labels,
+		}),
+		problems: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "changefeed_kafka_problem", Help: "1 while a Kafka problem that retrying may not cure lasts (kind: auth, topic).",
+			ConstLabels: labels,
+		}, []string{"kind"}),
 	}
+	p.cl, err = kgo.NewClient(kopts...)
+	if err != nil {
+		return nil, fmt.Errorf("kafka client: %w", err)
+	}
+	p.adm = kadm.NewClient(p.cl)
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.published, m.errors} {
+		for _, c := range []prometheus.Collector{p.metrics.published, p.metrics.errors, p.metrics.oversized, p.metrics.dataLoss, p.metrics.problems} {
 			if err := reg.Register(c); err != nil {
-				cl.Close()
+				p.cl.Close()
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}
 		}
 	}
-	return &Producer{cl: cl, adm: kadm.NewClient(cl), opts: opts, log: log, metrics: m}, nil
-}
-
-// EnsureTopics creates the topics that do not exist yet, with the configured
-// partitions and replication. Existing topics are left as they are.
-func (p *Producer) EnsureTopics(ctx context.Context, topics ...string) error {
-	if len(topics) == 0 {
-		return nil
-	}
-	resp, err := p.adm.CreateTopics(ctx, p.opts.Partitions, p.opts.ReplicationFactor, nil, topics...)
-	if err != nil {
-		return fmt.Errorf("create topics: %w", err)
-	}
-	for _, r := range resp.Sorted() {
-		if r.Err != nil && !errors.Is(r.Err, kerr.TopicAlreadyExists) {
-			return fmt.Errorf("create topic %s: %w", r.Topic, r.Err)
-		}
-	}
-	return nil
+	ctx, cancel := context.WithCancel(context.Background())
+	p.stopCheck, p.checkDone = cancel, make(chan struct{})
+	go p.checkLoop(ctx)
+	return p, nil
 }
 
 // Publish encodes s and produces it to topic, keyed by document id. done is
 // called exactly once, from a producer goroutine, with nil once Kafka has
-// acknowledged the record on all in-sync replicas, or with the error that
-// failed it for good. Publish blocks while the buffer is full; ctx bounds
-// that wait (done then receives the context's error).
+// acknowledged the record on all in-sync replicas (or, for a stub too large
+// for its topic, once it is recorded to Options.OversizedTopic), or with the
+// error that failed it for good. Publish blocks while the buffer is full; ctx
+// bounds that wait (done then receives the context's error).
 func (p *Producer) Publish(ctx context.Context, topic string, s *stub.Stub, done func(error)) {
 	value, err := s.Marshal()
 	if err != nil {
@@ -150,9 +263,17 @@ func (p *Producer) Publish(ctx context.Context, topic string, s *stub.Stub, done
 	p.PublishRecord(ctx, &kgo.Record{Topic: topic, Key: s.Key(), Value: value}, done)
 }
 
-// PublishRecord produces a prepared record with the same guarantees as Publish.
+// PublishRecord produces a prepared record with the same guarantees as
+// Publish. The record belongs to the producer until done is called.
 func (p *Producer) PublishRecord(ctx context.Context, r *kgo.Record, done func(error)) {
 	p.cl.Produce(ctx, r, func(r *kgo.Record, err error) {
+		if err != nil && p.oversized(r, err) {
+			p.diverting.Add(1)
+			// Producing from inside a promise can block on a full
+			// buffer that only this goroutine would drain.
+			go p.divert(ctx, r, err, done)
+			return
+		}
 		if err != nil {
 			p.metrics.errors.WithLabelValues(r.Topic).Inc()
 		} else {
@@ -167,11 +288,29 @@ func (p *Producer) Flush(ctx context.Context) error {
 	if err := p.cl.Flush(ctx); err != nil {
 		return fmt.Errorf("flush producer: %w", err)
 	}
+	waited := make(chan struct{})
+	go func() { p.diverting.Wait(); close(waited) }()
+	select {
+	case <-waited:
+	case <-ctx.Done():
+		return fmt.Errorf("flush producer: %w", ctx.Err())
+	}
+	if err := p.cl.Flush(ctx); err != nil {
+		return fmt.Errorf("flush producer: %w", err)
+	}
 	return nil
 }
 
-// Ping checks that a broker answers a metadata request; readiness uses it.
+// Ping reports why the producer cannot deliver now: it failed for good, a
+// SASL/TLS refusal or a deleted topic lasts, or no broker answers a metadata
+// request. Readiness uses it.
 func (p *Producer) Ping(ctx context.Context) error {
+	if err := p.Err(); err != nil {
+		return err
+	}
+	if err := p.health.current(); err != nil {
+		return err
+	}
 	if err := p.cl.Ping(ctx); err != nil {
 		return fmt.Errorf("kafka ping: %w", err)
 	}
@@ -181,5 +320,10 @@ func (p *Producer) Ping(ctx context.Context) error {
 // Buffered returns the number of records produced but not yet acknowledged.
 func (p *Producer) Buffered() int64 { return p.cl.BufferedProduceRecords() }
 
-// Close releases the client. Call Flush first to keep buffered records.
-func (p *Producer) Close() { p.cl.Close() }
+// Close stops the background check and releases the client. Call Flush
+// first to keep buffered records.
+func (p *Producer) Close() {
+	p.stopCheck()
+	<-p.checkDone
+	p.cl.Close()
+}

@@ -3,6 +3,7 @@ package publish
 import (
 	"context"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -24,7 +25,7 @@ import (
 func TestPublishKeysAndAcks(t *testing.T) {
 	k := testenv.Kafka(t)
 	reg := prometheus.NewRegistry()
-	p, err := New(kafkaconn.Config{Brokers: k.Brokers()}, Options{Partitions: 4, Component: "test"}, slog.New(slog.DiscardHandler), reg)
+	p, err := New(kafkaconn.Config{Brokers: k.Brokers()}, Options{Partitions: 4, Component: "test", ReplicationFactor: 1, MinInsyncReplicas: 1}, slog.New(slog.DiscardHandler), reg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +116,7 @@ func TestPublishKeysAndAcks(t *testing.T) {
 
 func TestPingFailsWhileKafkaPaused(t *testing.T) {
 	k := testenv.Kafka(t)
-	p, err := New(kafkaconn.Config{Brokers: k.Brokers()}, Options{}, slog.New(slog.DiscardHandler), nil)
+	p, err := New(kafkaconn.Config{Brokers: k.Brokers()}, oneBroker, slog.New(slog.DiscardHandler), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,4 +148,52 @@ func kgoClient(t *testing.T, brokers []string, opts ...kgo.Opt) *kgo.Client {
 	}
 	t.Cleanup(cl.Close)
 	return cl
+}
+
+// oneBroker are the options for a one-broker kfake cluster.
+var oneBroker = Options{ReplicationFactor: 1, MinInsyncReplicas: 1}
+
+// logBuffer collects JSON log lines from several goroutines.
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// count returns how many lines contain every one of subs.
+func (l *logBuffer) count(subs ...string) int {
+	n := 0
+	for _, line := range strings.Split(l.String(), "\n") {
+		all := line != ""
+		for _, s := range subs {
+			all = all && strings.Contains(line, s)
+		}
+		if all {
+			n++
+		}
+	}
+	return n
+}
+
+// newProducer starts a producer whose logs go to the returned buffer.
+func newProducer(t *testing.T, conn kafkaconn.Config, opts Options) (*Producer, *logBuffer) {
+	t.Helper()
+	logs := &logBuffer{}
+	p, err := New(conn, opts, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p, logs
 }

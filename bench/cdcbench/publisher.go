@@ -139,6 +139,9 @@ func (p *publisherRunner) run(ctx context.Context, run int) (result, error) {
 		"CHANGEFEED_PUBLICATION="+p.d.Publication,
 		"CHANGEFEED_ROUTING_FILE="+routing,
 		"CHANGEFEED_KAFKA_PARTITIONS="+strconv.Itoa(p.c.partitions),
+		// The bench runs kfake (one broker); $CHANGEFEED_KAFKA_* in pubEnv overrides.
+		"CHANGEFEED_KAFKA_REPLICATION_FACTOR=1",
+		"CHANGEFEED_KAFKA_MIN_INSYNC_REPLICAS=1",
 		"CHANGEFEED_HTTP_ADDR="+metrics,
 	)
 	cmd.Env = append(cmd.Env, p.c.pubEnv...)

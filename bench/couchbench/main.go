@@ -218,7 +218,7 @@ func (p *countingPublisher) Publish(ctx context.Context, topic string, s *stub.S
 func follow(ctx context.Context, o options) (int, time.Duration, error) {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	prod, err := publish.New(kafkaconn.Config{Brokers: strings.Split(o.brokers, ",")},
-		publish.Options{Component: "couch", Partitions: int32(o.partitions)}, log, nil)
+		publish.Options{Component: "couch", Partitions: int32(o.partitions), ReplicationFactor: 1, MinInsyncReplicas: 1}, log, nil)
 	if err != nil {
 		return 0, 0, err
 	}

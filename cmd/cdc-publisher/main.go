@@ -14,8 +14,13 @@
 //
 // Exit status: 0 after SIGTERM/SIGINT (flushed and confirmed), 1 on a runtime
 // failure (Kafka refused a stub for good, an unexpected error), 2 on invalid
-// configuration, failed authentication or a failed start-up check, 3 on a possible gap between checkpoint and slot, 4 when the
-// slot stayed busy past --slot-wait-timeout.
+// configuration (including an --allow-new-slot no gap needs), failed
+// authentication (PostgreSQL, or Kafka SASL/TLS for longer than
+// --kafka-fail-after), a missing Kafka ACL, an unsafe topic, a failed start-up check or a routed table that stopped
+// matching the routing while running, 3 on a possible gap (slot missing,
+// ahead of the checkpoint or lost; checkpoint of another cluster or ahead of
+// the server's WAL), 4 when the slot stayed busy past --slot-wait-timeout.
+// See the table in README.md.
 package main
 
 import (
@@ -48,12 +53,11 @@ type settings struct {
 	postgresURL       string
 	kafka             kafkaconn.Config
 	embeddedKafka     bool
-	partitions        int
-	replication       int
+	topics            cmdutil.TopicFlags
 	slot, publication string
 	routingFile       string
 	httpAddr          string
-	allowNewSlot      bool
+	allowNewSlot      cdc.GapAcceptance
 	noMigrate         bool
 	statusInterval    time.Duration
 	heartbeat         time.Duration
@@ -113,13 +117,10 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		log.Warn("using an embedded in-memory Kafka (kfake): for demos only, nothing survives the process", "brokers", s.kafka.Brokers)
 	}
 	reg := cmdutil.NewRegistry()
-	prod, err := publish.New(s.kafka, publish.Options{
-		Partitions:        int32(s.partitions),
-		ReplicationFactor: int16(s.replication),
-		// Above the publisher's own bound, so that Publish never blocks.
-		MaxBufferedRecords: 2*s.maxInFlight + 100,
-		Component:          "cdc",
-	}, log, reg)
+	popts := s.topics.Options("cdc", s.embeddedKafka)
+	// Above the publisher's own bound, so that Publish never blocks.
+	popts.MaxBufferedRecords = 2*s.maxInFlight + 100
+	prod, err := publish.New(s.kafka, popts, log, reg)
 	if err != nil {
 		log.Error("kafka", "err", err)
 		return 2
@@ -158,7 +159,16 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		}
 		defer srv.Close()
 	}
-	if err := p.Run(ctx); err != nil {
+	// A Kafka failure that retrying cannot cure (SASL/TLS refused or a
+	// topic deleted for longer than --kafka-fail-after, data loss) stops
+	// the publisher like SIGTERM: it confirms only what Kafka acknowledged.
+	runCtx, stopRun := prod.StopOnFailure(ctx)
+	defer stopRun()
+	err = p.Run(runCtx)
+	if perr := prod.Err(); perr != nil && (err == nil || errors.Is(err, cdc.ErrProduce)) {
+		err = perr
+	}
+	if err != nil {
 		log.Error("cdc publisher failed", "err", err)
 		return exitCode(err)
 	}
@@ -171,7 +181,8 @@ func exitCode(err error) int {
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, cdc.ErrConfig), errors.Is(err, cdc.ErrPrecondition), errors.Is(err, cdc.ErrSchema), errors.Is(err, kafkaconn.ErrConfig):
+	case errors.Is(err, cdc.ErrConfig), errors.Is(err, cdc.ErrPrecondition), errors.Is(err, cdc.ErrSchema), errors.Is(err, kafkaconn.ErrConfig),
+		errors.Is(err, publish.ErrDenied), errors.Is(err, publish.ErrTopicSettings), errors.Is(err, publish.ErrAuth):
 		return 2
 	case errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "28") || pgErr.Code == "3D000"):
 		// Authentication failed, or the database does not exist.
@@ -195,16 +206,17 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	postgresURL := cmdutil.BindPostgresURL(ef, cdc.URLHasPassword)
 	str(&s.logLevel, "log-level", "CHANGEFEED_LOG_LEVEL", "info", "debug, info, warn or error")
 	var kafka *cmdutil.KafkaFlags
+	var allowNewSlot string
 	if cmd == "run" {
 		kafka = cmdutil.BindKafka(ef, &s.kafka)
 		kafka.BindEmbedded(&s.embeddedKafka)
 		kafka.BindClientID("changefeed-cdc-publisher")
-		kafka.BindTopics(&s.partitions, &s.replication, "the publisher")
+		kafka.BindTopics(&s.topics, "the publisher")
 		str(&s.slot, "slot", "CHANGEFEED_SLOT", "changefeed", "replication slot name")
 		str(&s.publication, "publication", "CHANGEFEED_PUBLICATION", "changefeed", "publication name")
 		str(&s.routingFile, "routing-file", "CHANGEFEED_ROUTING_FILE", "", "routing YAML (tables → stubs)")
 		str(&s.httpAddr, "http-addr", "CHANGEFEED_HTTP_ADDR", ":8080", "address of /metrics, /healthz, /readyz (off: none)")
-		boolean(&s.allowNewSlot, "allow-new-slot", "CHANGEFEED_ALLOW_NEW_SLOT", false, "accept a possible gap: create a fresh slot although a checkpoint exists, or take a slot ahead of the checkpoint")
+		str(&allowNewSlot, "allow-new-slot", "CHANGEFEED_ALLOW_NEW_SLOT", "", "accept one possible gap, as <slot>@<checkpoint LSN> printed by the refusal to start (fresh slot, slot ahead of the checkpoint, checkpoint of another cluster); refused on a start that has no such gap")
 		boolean(&s.noMigrate, "no-migrate", "CHANGEFEED_NO_MIGRATE", false, "do not apply migrations at start")
 		duration(&s.statusInterval, "status-interval", "CHANGEFEED_STATUS_INTERVAL", time.Second, "how often acknowledged progress is checkpointed and confirmed")
 		duration(&s.heartbeat, "heartbeat-interval", "CHANGEFEED_HEARTBEAT_INTERVAL", 0, "emit a heartbeat message on this interval (0: off)")
@@ -232,6 +244,9 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	}
 	if cmd == "run" {
 		if err := kafka.Finish(); err != nil {
+			return s, err
+		}
+		if s.allowNewSlot, err = cdc.ParseGapAcceptance(allowNewSlot); err != nil {
 			return s, err
 		}
 		if s.maxInFlight <= 0 {

@@ -13,8 +13,10 @@
 // which would show in the process list) and CHANGEFEED_KAFKA_SASL_PASSWORD.
 //
 // Exit status: 0 after SIGTERM/SIGINT (flushed and checkpointed), 1 on a
-// runtime failure (CouchDB refused the credentials, Kafka refused a stub),
-// 2 on invalid configuration.
+// runtime failure (CouchDB refused the credentials, Kafka refused a stub, a
+// Kafka topic deleted or data loss detected), 2 on invalid configuration, a
+// missing Kafka ACL, an unsafe topic, or Kafka SASL/TLS refused for longer
+// than --kafka-fail-after.
 package main
 
 import (
@@ -48,8 +50,7 @@ type settings struct {
 	postgresURL   string
 	kafka         kafkaconn.Config
 	embeddedKafka bool
-	partitions    int
-	replication   int
+	topics        cmdutil.TopicFlags
 	httpAddr      string
 	noMigrate     bool
 	printStubs    bool
@@ -117,11 +118,7 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		log.Warn("using an embedded in-memory Kafka (kfake): for demos only, nothing survives the process", "brokers", s.kafka.Brokers)
 	}
 	reg := cmdutil.NewRegistry()
-	prod, err := publish.New(s.kafka, publish.Options{
-		Partitions:        int32(s.partitions),
-		ReplicationFactor: int16(s.replication),
-		Component:         "couch",
-	}, log, reg)
+	prod, err := publish.New(s.kafka, s.topics.Options("couch", s.embeddedKafka), log, reg)
 	if err != nil {
 		log.Error("kafka", "err", err)
 		return 2
@@ -149,16 +146,33 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		if err == nil {
 			break
 		}
+		if publish.Permanent(err) {
+			log.Error("kafka topics", "topics", routing.Topics(), "err", err)
+			return exitCode(err)
+		}
 		log.Warn("creating topics failed; retrying", "topics", routing.Topics(), "err", err)
 		select {
 		case <-ctx.Done():
 			return 0
+		case <-prod.Failed():
+			log.Error("kafka", "err", prod.Err())
+			return exitCode(prod.Err())
 		case <-time.After(2 * time.Second):
 		}
 	}
 	log.Info("couch follower starting", "couch", couchsource.RedactURL(s.couch.URL), "databases", s.couch.Databases,
 		"source", s.couch.Source, "kafka", s.kafka.String())
-	if err := f.Run(ctx); err != nil {
+	// A Kafka failure that retrying cannot cure (SASL/TLS refused or a
+	// topic deleted for longer than --kafka-fail-after, data loss) stops
+	// the follower like SIGTERM: it checkpoints only what Kafka
+	// acknowledged.
+	runCtx, stopRun := prod.StopOnFailure(ctx)
+	defer stopRun()
+	err = f.Run(runCtx)
+	if perr := prod.Err(); perr != nil && (err == nil || errors.Is(err, couchsource.ErrPublish)) {
+		err = perr
+	}
+	if err != nil {
 		log.Error("couch follower failed", "err", err)
 		return exitCode(err)
 	}
@@ -169,7 +183,8 @@ func exitCode(err error) int {
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, couchsource.ErrConfig), errors.Is(err, couchsource.ErrRouting), errors.Is(err, kafkaconn.ErrConfig):
+	case errors.Is(err, couchsource.ErrConfig), errors.Is(err, couchsource.ErrRouting), errors.Is(err, kafkaconn.ErrConfig),
+		errors.Is(err, publish.ErrDenied), errors.Is(err, publish.ErrTopicSettings), errors.Is(err, publish.ErrAuth):
 		return 2
 	default:
 		return 1
@@ -217,7 +232,7 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 		kafka = cmdutil.BindKafka(ef, &s.kafka)
 		kafka.BindEmbedded(&s.embeddedKafka)
 		kafka.BindClientID("changefeed-couch-follower")
-		kafka.BindTopics(&s.partitions, &s.replication, "the follower")
+		kafka.BindTopics(&s.topics, "the follower")
 		str(&s.httpAddr, "http-addr", "CHANGEFEED_HTTP_ADDR", ":8081", "address of /metrics, /healthz, /readyz (empty: off)")
 		boolean(&s.noMigrate, "no-migrate", "CHANGEFEED_NO_MIGRATE", false, "do not apply migrations at start")
 		boolean(&s.printStubs, "print-stubs", "CHANGEFEED_PRINT_STUBS", false, "also print every acknowledged stub as a JSON line on stdout")

@@ -131,6 +131,10 @@ func run() error {
 		"CHANGEFEED_LOG_LEVEL=info",
 		"CHANGEFEED_DEMO_ES_URL=" + o.esURL,
 	}
+	if o.brokers == "" {
+		// The embedded cluster has one broker.
+		env = append(env, "CHANGEFEED_KAFKA_REPLICATION_FACTOR=1", "CHANGEFEED_KAFKA_MIN_INSYNC_REPLICAS=1")
+	}
 	specs := []struct {
 		name  string
 		extra []string

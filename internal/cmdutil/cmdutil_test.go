@@ -140,3 +140,26 @@ func TestSubcommand(t *testing.T) {
 		}
 	}
 }
+
+func TestKafkaTopicFlagsAndPlaintextOptIn(t *testing.T) {
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	var cfg kafkaconn.Config
+	var topics TopicFlags
+	k := BindKafka(NewEnvFlags(fs, env(map[string]string{"CHANGEFEED_KAFKA_SASL_ALLOW_PLAINTEXT": "true"})), &cfg)
+	k.BindTopics(&topics, "the test")
+	if err := fs.Parse(nil); err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.AllowPlaintextSASL {
+		t.Fatal("$CHANGEFEED_KAFKA_SASL_ALLOW_PLAINTEXT not applied")
+	}
+	o := topics.Options("x", false)
+	if o.Partitions != 3 || o.ReplicationFactor != 3 || o.MinInsyncReplicas != 2 || o.AllowUnsafeTopics ||
+		o.OversizedTopic != "changefeed-oversized" || o.FailAfter != time.Minute {
+		t.Fatalf("defaults %+v", o)
+	}
+	if o := topics.Options("x", true); o.ReplicationFactor != 1 || o.MinInsyncReplicas != 1 {
+		t.Fatalf("embedded: %+v", o)
+	}
+}

@@ -254,7 +254,12 @@ func run(ctx context.Context, s *settings, getenv func(string) string, names []s
 	}
 	kc := s.kafka
 	kc.ClientID = "changefeed-pillow-deadletter"
-	producer, err := publish.New(kc, publish.Options{Component: "pillow-dead-letter"}, log, registry)
+	producer, err := publish.New(kc, publish.Options{
+		Component: "pillow-dead-letter",
+		// The pillow has no topic settings yet: its dead-letter topics get
+		// the broker's defaults and are not checked, as before.
+		ReplicationFactor: -1, MinInsyncReplicas: -1,
+	}, log, registry)
 	if err != nil {
 		return err
 	}

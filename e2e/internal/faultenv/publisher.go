@@ -61,7 +61,10 @@ func NewPublisher(t testing.TB, cfg PublisherConfig) *Publisher {
 		"CHANGEFEED_ROUTING_FILE":     routing,
 		"CHANGEFEED_HTTP_ADDR":        "127.0.0.1:0",
 		"CHANGEFEED_KAFKA_PARTITIONS": "3",
-		"CHANGEFEED_LOG_LEVEL":        "info",
+		// kfake has one broker.
+		"CHANGEFEED_KAFKA_REPLICATION_FACTOR":  "1",
+		"CHANGEFEED_KAFKA_MIN_INSYNC_REPLICAS": "1",
+		"CHANGEFEED_LOG_LEVEL":                 "info",
 	}
 	for k, v := range cfg.Env {
 		settings[k] = v

@@ -48,6 +48,9 @@ type stream struct {
 	conn *pgconn.PgConn
 	tr   *ack.Tracker[txPos]
 	rels map[uint32]*relation
+	// cat describes relations the routing does not name (nil: no catalog,
+	// as in decoding-only tests).
+	cat catalog
 	// parts reports partitions that left a routed table or were truncated
 	// without the stream saying so.
 	parts *partitionWatch
@@ -95,6 +98,7 @@ type stream struct {
 
 	// Scratch reused for every change.
 	rows, old  rowVals
+	left       rowVals // the old document of a key-changing UPDATE
 	fields     stubFields
 	statusBuf  [39]byte
 	keyScratch []byte
@@ -104,8 +108,12 @@ type stream struct {
 }
 
 func newStream(p *Publisher, db *pgx.Conn, conn *pgconn.PgConn, start stub.LSN) *stream {
+	var cat catalog
+	if db != nil {
+		cat = pgCatalog{db}
+	}
 	return &stream{
-		p: p, db: db, conn: conn,
+		p: p, db: db, conn: conn, cat: cat,
 		tr:       &ack.Tracker[txPos]{},
 		rels:     map[uint32]*relation{},
 		parts:    newPartitionWatch(p.cfg.Routing, p.cfg.Publication),
@@ -287,7 +295,7 @@ func (s *stream) walMessage(m []byte) error {
 			return fmt.Errorf("pgoutput relation: %w", err)
 		}
 		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
-		rel, err := newRelation(ctx, &rm, s.p.cfg.Routing, pgCatalog{s.db})
+		rel, err := newRelation(ctx, &rm, s.p.cfg.Routing, s.cat)
 		cancel()
 		if err != nil {
 			// DDL on a routed table (see ddl.go).
@@ -364,11 +372,8 @@ func (s *stream) rowChange(m []byte) error {
 	}
 	switch kind {
 	case 'D':
-		if len(rel.deleteMissing) > 0 {
-			return rel.errDeleteUnroutable(s.p.cfg.Routing.File, s.p.cfg.Slot, s.tx.finalLSN, s.tx.xid)
-		}
-		if part := s.lackingPartition(rel); part != nil {
-			return part.errDeleteUnroutable(s.p.cfg.Routing.File, s.p.cfg.Slot, s.tx.finalLSN, s.tx.xid)
+		if bad := s.unroutableDelete(rel); bad != nil {
+			return bad.errDeleteUnroutable(s.p.cfg.Routing.File, s.p.cfg.Slot, s.tx.finalLSN, s.tx.xid)
 		}
 		return s.rowStub(rel, &s.old, !rel.isChild())
 	case 'U':
@@ -394,12 +399,13 @@ func (s *stream) rowChange(m []byte) error {
 			// to another parent, or a document's id changed). The old key
 			// tuple carries only the replica identity: route the old
 			// document's stub with the new row's other values.
-			for i := range s.old.v {
-				if i != slotID && !s.old.v[i].present() {
-					s.old.v[i] = s.rows.v[i]
+			s.left = s.old
+			for i := range s.left.v {
+				if i != slotID && !s.left.v[i].present() {
+					s.left.v[i] = s.rows.v[i]
 				}
 			}
-			return s.rowStub(rel, &s.old, !rel.isChild())
+			return s.rowStub(rel, &s.left, !rel.isChild())
 		}
 		return nil
 	default:
@@ -422,23 +428,36 @@ func (s *stream) keyChanged(rel *relation) bool {
 	return s.old.v[slotID].present() && !bytes.Equal(s.old.v[slotID].data, s.rows.v[slotID].data)
 }
 
-// lackingPartition returns a partition of rel whose replica identity lacks
-// a column this DELETE's old tuple does not carry (nil if none): the DELETE
-// may come from it, and a value that is not there cannot be routed. A value
-// that is there was carried, whatever partition it came from.
-func (s *stream) lackingPartition(rel *relation) *relation {
+// unroutableDelete returns the relation whose replica identity explains why
+// this DELETE's old tuple lacks a value its routing needs (nil if it has
+// them all): rel itself, or a partition of rel (a DELETE published via the
+// root carries the partition's old key). A value that is there was carried,
+// whatever the Relation messages say.
+func (s *stream) unroutableDelete(rel *relation) *relation {
+	if s.lacks(rel) {
+		return rel
+	}
 	for _, part := range s.lacking[rel.qualified] {
-		for _, fc := range part.deleteMissing {
-			slot := slotID
-			if fc.field == "document_type_column" {
-				slot = slotType
-			}
-			if !s.old.v[slot].present() {
-				return part
-			}
+		if s.lacks(part) {
+			return part
 		}
 	}
 	return nil
+}
+
+// lacks reports whether the old tuple misses a column that rel's replica
+// identity does not carry.
+func (s *stream) lacks(rel *relation) bool {
+	for _, fc := range rel.deleteMissing {
+		slot := slotID
+		if fc.field == "document_type_column" {
+			slot = slotType
+		}
+		if !s.old.v[slot].present() {
+			return true
+		}
+	}
+	return false
 }
 
 // logRelation says once per Relation message what will become of the

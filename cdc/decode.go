@@ -241,7 +241,7 @@ func (rel *relation) errDeleteUnroutable(file, slot string, lsn stub.LSN, xid ui
 		"not in the table's replica identity (now REPLICA IDENTITY %s: %s), so its deletion stub cannot be routed. "+
 		"Remedy: run ALTER TABLE %s REPLICA IDENTITY FULL (on a partitioned table: on each partition too) so that later DELETEs carry it; the deletions already written "+
 		"cannot be routed: resync this table's documents in the consumers and, with the publisher stopped, move the slot past commit LSN %s "+
-		"(SELECT pg_replication_slot_advance('%s', pg_current_wal_lsn())), then accept the gap as for any gap (README: Gaps are errors)",
+		"(SELECT pg_replication_slot_advance('%s', pg_current_wal_lsn())); the next start then refuses the gap and prints the --allow-new-slot value that accepts it",
 		ErrSchema, file, table, xid, lsn, strings.Join(cols, ", "), identityName(rel.identity), ident,
 		pgx.Identifier{rel.schema, rel.name}.Sanitize(), lsn, slot)
 }

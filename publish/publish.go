@@ -6,8 +6,9 @@
 //     replica;
 //   - topics it creates get the configured replication factor and
 //     min.insync.replicas (default 3 and 2), and an existing topic whose
-//     min.insync.replicas is below the configured one is refused (acks=all
-//     on such a topic may acknowledge a record held by one broker only);
+//     min.insync.replicas is below the configured one, or that allows unclean
+//     leader election, is refused (acks=all on such a topic may acknowledge a
+//     record that a broker failure then loses);
 //   - key = document id, so one document's stubs stay in one partition in the
 //     order they were published;
 //   - unbounded retries: a broker outage stalls publishing (and so the
@@ -95,9 +96,10 @@ type Options struct {
 	// is then on at least two brokers. -1 sets and checks nothing.
 	MinInsyncReplicas int
 	// AllowUnsafeTopics turns the refusal of an existing topic whose
-	// min.insync.replicas is below MinInsyncReplicas (or whose settings
-	// cannot be read for lack of the DESCRIBE_CONFIGS ACL) into an
-	// error-level log line at every start. A topic whose replication
+	// min.insync.replicas is below MinInsyncReplicas, or that allows
+	// unclean leader election, or whose settings cannot be read for lack
+	// of the DESCRIBE_CONFIGS ACL, into an error-level log line at every
+	// start. A topic whose replication
 	// factor is below its own min.insync.replicas is always refused:
 	// every write to it would fail.
 	AllowUnsafeTopics bool

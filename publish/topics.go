@@ -154,7 +154,10 @@ func (p *Producer) checkTopics(ctx context.Context, topics []string, replicas ma
 		}
 		if err != nil || rerr != nil {
 			if errors.Is(rerr, kerr.TopicAuthorizationFailed) || errors.Is(err, kerr.TopicAuthorizationFailed) || errors.Is(err, kerr.ClusterAuthorizationFailed) {
-				if p.opts.AllowUnsafeTopics || p.opts.MinInsyncReplicas < 0 {
+				if p.opts.MinInsyncReplicas < 0 {
+					continue // nothing to verify
+				}
+				if p.opts.AllowUnsafeTopics {
 					p.log.Error("cannot read topic settings (DESCRIBE_CONFIGS denied): durability NOT verified, as allowed", "topic", t)
 					continue
 				}
@@ -184,6 +187,13 @@ func (p *Producer) checkTopics(ctx context.Context, topics []string, replicas ma
 			if !p.opts.AllowUnsafeTopics {
 				return fmt.Errorf("%w: %s; raise it (kafka-configs --alter --add-config min.insync.replicas=%d), or lower the requirement for a smaller cluster, or accept it explicitly",
 					ErrTopicSettings, msg, p.opts.MinInsyncReplicas)
+			}
+			p.log.Error("UNSAFE TOPIC accepted as allowed: "+msg, "topic", t)
+		}
+		if p.opts.MinInsyncReplicas > 0 && values["unclean.leader.election.enable"] == "true" {
+			msg := fmt.Sprintf("topic %s has unclean.leader.election.enable=true: a replica that missed acknowledged records may become leader and drop them", t)
+			if !p.opts.AllowUnsafeTopics {
+				return fmt.Errorf("%w: %s; set it to false, or accept it explicitly", ErrTopicSettings, msg)
 			}
 			p.log.Error("UNSAFE TOPIC accepted as allowed: "+msg, "topic", t)
 		}

@@ -74,13 +74,27 @@ func (u *Unit[P]) Done(err error) {
 }
 
 // End closes the unit at pos, the position to checkpoint once it and all
-// earlier units are acknowledged.
+// earlier units are acknowledged. The unit takes no more messages.
+//
+// A unit that ends with nothing in flight behind an ended unit that waits
+// for acknowledgements is merged into it (its position replaces that
+// unit's): confirming through it needs nothing more than confirming that
+// unit. So while Kafka stalls, units without messages (transactions that
+// publish nothing) do not pile up.
 func (u *Unit[P]) End(pos P) {
 	t := u.t
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	u.pos = pos
 	u.ended = true
+	if n := len(t.units); u.pending == 0 && n-1 > t.head && t.units[n-1] == u {
+		if prev := t.units[n-2]; prev.ended {
+			prev.pos = pos
+			t.units[n-1] = nil
+			t.units = t.units[:n-1]
+			return
+		}
+	}
 	t.advance()
 }
 
@@ -120,6 +134,14 @@ func (t *Tracker[P]) Idle() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.head == len(t.units)
+}
+
+// Units returns the number of units held: open, or ended and waiting for
+// acknowledgements (theirs or an earlier unit's).
+func (t *Tracker[P]) Units() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.units) - t.head
 }
 
 // InFlight returns the number of messages added but not yet acknowledged.

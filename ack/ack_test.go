@@ -134,3 +134,37 @@ func BenchmarkTracker(b *testing.B) {
 		u.Done(nil)
 	}
 }
+
+// While one unit waits for Kafka, a million units without messages behind it
+// must not pile up; once it is acknowledged the checkpoint is the last one.
+func TestEmptyUnitsCoalesceBehindAStalledOne(t *testing.T) {
+	var tr Tracker[int]
+	stalled := tr.Begin()
+	stalled.Add()
+	stalled.End(1)
+	for i := 2; i <= 1_000_000; i++ {
+		tr.Begin().End(i)
+	}
+	if n := tr.Units(); n != 1 {
+		t.Fatalf("%d units held, want 1", n)
+	}
+	// A unit with a message is not merged: it has its own acknowledgement.
+	busy := tr.Begin()
+	busy.Add()
+	busy.End(1_000_001)
+	tr.Begin().End(1_000_002)
+	if n := tr.Units(); n != 2 {
+		t.Fatalf("%d units held, want 2", n)
+	}
+	if _, ok := tr.Confirmed(); ok {
+		t.Fatal("confirmed past the stalled unit")
+	}
+	stalled.Done(nil)
+	if pos, _ := tr.Confirmed(); pos != 1_000_000 {
+		t.Fatalf("confirmed %d, want 1000000", pos)
+	}
+	busy.Done(nil)
+	if pos, _ := tr.Confirmed(); pos != 1_000_002 || !tr.Idle() {
+		t.Fatalf("confirmed %d (idle %v), want 1000002", pos, tr.Idle())
+	}
+}

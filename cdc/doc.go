@@ -53,10 +53,21 @@
 // # The checkpoint as a witness
 //
 // A slot that is missing while a checkpoint row exists (dropped, lost in a
-// failover) or whose confirmed_flush_lsn is ahead of the checkpoint may have
-// skipped changes. The publisher then refuses to start (ErrPossibleGap) and
-// names both positions; only Config.AllowNewSlot accepts the gap, creating a
-// fresh slot or taking the slot's position.
+// failover), whose confirmed_flush_lsn is ahead of the checkpoint, or whose
+// wal_status is lost may have skipped changes. So may a checkpoint that does
+// not belong to this server's WAL history: each row records the cluster's
+// system_identifier and timeline (IDENTIFY_SYSTEM), and a row of another
+// cluster, or one ahead of pg_current_wal_lsn() (a restore, a failover to a
+// shorter history), is not trusted. The publisher then refuses to start
+// (ErrPossibleGap) and names the positions and the one Config.AllowNewSlot
+// value (slot@checkpoint LSN) that accepts exactly this gap: creating a
+// fresh slot, taking the slot's position, or discarding the checkpoint. An
+// AllowNewSlot that no gap needs is refused (ErrConfig), so one left set
+// cannot accept a later gap. A timeline change with the checkpoint inside
+// this server's WAL is logged and accepted: the row is in this history, and
+// its LSN was written before it. The checkpoint is written with
+// synchronous_commit at least local, so a server crash cannot leave the
+// slot ahead of it.
 //
 // # Routing
 //
@@ -68,7 +79,18 @@
 // removes tables. Rows of published tables that the routing does not name go
 // to the default topic (meta) with document_type = table name and the
 // replica identity key as document id ("/"-joined when composite).
-// changefeed's own schema is never published.
+// changefeed's own schema is never published. A publication column list
+// that lacks a routed column is refused at start; one that carries them is
+// respected.
+//
+// While streaming, a routed table that exists but is not in the publication
+// (created or recreated after it, e.g. by an online swap of renames) is
+// never decoded by PostgreSQL: the publisher stops (ErrSchema) naming it and
+// the remedy (add it, backfill), checked every Config.LagInterval. A
+// Relation message without a routed column (renamed or dropped) stops it
+// likewise, naming table, column and remedy; once the routing names the new
+// column, Relation messages of the older schema still being replayed are
+// matched by position when the table never had a column dropped.
 //
 // # What it does not guarantee
 //
@@ -82,6 +104,13 @@
 //     be in the replica identity; that is checked at start.
 //
 // # Failures
+//
+// Before returning any error a restart would not cure, the publisher flushes
+// the producer (bounded by Config.ShutdownTimeout) and confirms the
+// acknowledged prefix (rule 1 above), so the restart after the fix resumes
+// at the failing transaction. Stubs still unacknowledged when the producer
+// closes are not logged one by one (they are published again after the
+// restart); refusals are logged at most once per 10 seconds with a count.
 //
 // A record Kafka refuses for good stops the publisher with an error (the slot
 // replays from the confirmed LSN on restart); a stub too large for its topic

@@ -542,7 +542,7 @@ func testSlotDropped(t *testing.T, pg *testenv.PG) {
 
 	r2 := start(t, db, kafka, Config{Routing: testRouting(t)})
 	err := r2.exited(t)
-	if !errorsIs(err, ErrPossibleGap) || !strings.Contains(err.Error(), ck.String()) || !strings.Contains(err.Error(), "--allow-new-slot") {
+	if !errorsIs(err, ErrPossibleGap) || !strings.Contains(err.Error(), ck.String()) || !strings.Contains(err.Error(), "--allow-new-slot="+db.name+"@"+ck.String()) {
 		t.Fatalf("Run = %v, want ErrPossibleGap naming the checkpoint %s and the flag", err, ck)
 	}
 	var n int
@@ -552,7 +552,7 @@ func testSlotDropped(t *testing.T, pg *testenv.PG) {
 	db.exec(t, "INSERT INTO cases VALUES ('after', 'd', 'p', false, 'x')")
 
 	// With the flag: a fresh slot, publishing from now on.
-	r3 := start(t, db, kafka, Config{Routing: testRouting(t), AllowNewSlot: true})
+	r3 := start(t, db, kafka, Config{Routing: testRouting(t), AllowNewSlot: GapAcceptance{Slot: db.name, Checkpoint: ck}})
 	r3.waitStreaming(t)
 	if !strings.Contains(r3.logs.String(), "created a fresh replication slot although a checkpoint existed") {
 		t.Error("no warning about the fresh slot")
@@ -586,7 +586,7 @@ func testSlotAhead(t *testing.T, pg *testenv.PG) {
 	if !errorsIs(err, ErrPossibleGap) || !strings.Contains(err.Error(), ck.String()) || !strings.Contains(err.Error(), slot.String()) {
 		t.Fatalf("Run = %v, want ErrPossibleGap naming %s and %s", err, ck, slot)
 	}
-	r3 := start(t, db, kafka, Config{Routing: testRouting(t), AllowNewSlot: true})
+	r3 := start(t, db, kafka, Config{Routing: testRouting(t), AllowNewSlot: GapAcceptance{Slot: db.name, Checkpoint: ck}})
 	r3.waitStreaming(t)
 	if got := db.checkpoint(t); got < slot {
 		t.Fatalf("checkpoint %s not moved to the accepted slot position %s", got, slot)

@@ -17,6 +17,9 @@ type metrics struct {
 	transactions     prometheus.Counter
 	changes          prometheus.Counter
 	streaming        prometheus.Gauge
+	pendingTx        prometheus.Gauge
+	slotWALStatus    *prometheus.GaugeVec
+	slotSafeWALSize  prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer, inFlight func() float64) (*metrics, error) {
@@ -61,13 +64,25 @@ func newMetrics(reg prometheus.Registerer, inFlight func() float64) (*metrics, e
 			Name: "changefeed_cdc_streaming",
 			Help: "1 while the replication stream is running.",
 		}),
+		pendingTx: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "changefeed_cdc_pending_transactions",
+			Help: "Transactions held until Kafka acknowledges them or an earlier one (transactions without stubs are merged into the one before).",
+		}),
+		slotWALStatus: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "changefeed_cdc_slot_wal_status",
+			Help: "1 for the slot's current pg_replication_slots.wal_status (reserved, extended, unreserved, lost), sampled every lag interval.",
+		}, []string{"status"}),
+		slotSafeWALSize: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "changefeed_cdc_slot_safe_wal_size_bytes",
+			Help: "pg_replication_slots.safe_wal_size: WAL that can still be written before the slot loses WAL it needs; -1 when unlimited (no max_slot_wal_keep_size) or lost.",
+		}),
 	}
 	if reg == nil {
 		return m, nil
 	}
 	for _, c := range []prometheus.Collector{
 		m.confirmedLSN, m.lagBytes, m.lagSeconds, m.invalid, m.truncates, m.checkpointErrors,
-		m.reconnects, m.transactions, m.changes, m.streaming,
+		m.reconnects, m.transactions, m.changes, m.streaming, m.pendingTx, m.slotWALStatus, m.slotSafeWALSize,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "changefeed_cdc_stubs_in_flight",
 			Help: "Stubs produced and not yet acknowledged by Kafka.",

@@ -46,10 +46,12 @@ type Config struct {
 	// ControlTopic receives table-level events (TRUNCATE). Default
 	// DefaultControlTopic.
 	ControlTopic string
-	// AllowNewSlot accepts a possible gap: create a fresh slot although a
-	// checkpoint says one existed, or take a slot whose position is ahead
-	// of the checkpoint. Consumers must be resynced.
-	AllowNewSlot bool
+	// AllowNewSlot accepts one possible gap, the one it names: create a
+	// fresh slot although a checkpoint says one existed, take a slot whose
+	// position is ahead of the checkpoint, or discard a checkpoint of
+	// another cluster or WAL history. Consumers must be backfilled. Set
+	// while no gap needs accepting, it is refused (ErrConfig).
+	AllowNewSlot GapAcceptance
 	// Migrate applies migrations (the changefeed schema) at start.
 	Migrate bool
 	// StatusInterval is how often the acknowledged position is checkpointed
@@ -150,6 +152,11 @@ type Publisher struct {
 	topics  map[string]bool // topics a published-from-anywhere stub may name
 
 	topicsReady bool
+	// cluster is the server's identity, read at the start of each session.
+	cluster cluster
+	// gapAccepted: AllowNewSlot was used by this process; later sessions
+	// (reconnects) neither need nor refuse it.
+	gapAccepted bool
 
 	state     atomic.Int32
 	confirmed atomic.Uint64
@@ -161,6 +168,8 @@ type Publisher struct {
 	wake     chan struct{}
 	pool     sync.Pool
 	printMu  sync.Mutex
+	// refusedLog rate-limits the per-stub refusal line.
+	refusedLog logLimiter
 	// prodCtx outlives Run's context: records must not be cancelled before
 	// the final flush.
 	prodCtx context.Context
@@ -177,6 +186,9 @@ func New(cfg Config, deps Deps) (*Publisher, error) {
 	}
 	if !topicPattern.MatchString(cfg.ControlTopic) {
 		return nil, fmt.Errorf("%w: control topic %q is not a valid Kafka topic name", ErrConfig, cfg.ControlTopic)
+	}
+	if a := cfg.AllowNewSlot; !a.IsZero() && a.Slot != cfg.Slot {
+		return nil, fmt.Errorf("%w: --allow-new-slot=%s names slot %q, but the publisher streams slot %q", ErrConfig, a, a.Slot, cfg.Slot)
 	}
 	if cfg.PostgresURL == "" {
 		return nil, fmt.Errorf("%w: no PostgreSQL URL", ErrConfig)
@@ -204,6 +216,8 @@ func New(cfg Config, deps Deps) (*Publisher, error) {
 		topics:  map[string]bool{},
 		wake:    make(chan struct{}, 1),
 		prodCtx: context.Background(),
+
+		refusedLog: logLimiter{every: 10 * time.Second},
 	}
 	for _, t := range cfg.Routing.Topics() {
 		p.topics[t] = true
@@ -296,15 +310,35 @@ func (p *Publisher) session(ctx context.Context) (streamed bool, err error) {
 	}
 	defer db.Close(context.Background())
 
+	if err := p.checkVersion(ctx, db); err != nil {
+		return false, err
+	}
 	if err := p.checkServer(ctx, db); err != nil {
 		return false, err
 	}
 	if err := p.ensurePublication(ctx, db); err != nil {
 		return false, err
 	}
+	if err := p.checkColumnLists(ctx, db); err != nil {
+		return false, err
+	}
+	if err := p.durableCheckpoints(ctx, db); err != nil {
+		return false, err
+	}
 	for {
+		// The replication connection first: IDENTIFY_SYSTEM names the
+		// cluster and timeline the checkpoint must belong to.
+		repl, err := pgconn.ConnectConfig(ctx, p.replCfg)
+		if err != nil {
+			return false, fmt.Errorf("open replication connection: %w", err)
+		}
+		if p.cluster, err = identifySystem(ctx, repl); err != nil {
+			repl.Close(context.Background())
+			return false, err
+		}
 		start, err := p.prepareSlot(ctx, db)
 		if err != nil {
+			repl.Close(context.Background())
 			return false, err
 		}
 		if !p.topicsReady {
@@ -316,13 +350,10 @@ func (p *Publisher) session(ctx context.Context) (streamed bool, err error) {
 				defer cancel()
 				return p.prod.EnsureTopics(actx, topics...)
 			}, func(err error) bool { return !publish.Permanent(err) }); err != nil {
+				repl.Close(context.Background())
 				return false, err
 			}
 			p.topicsReady = true
-		}
-		repl, err := pgconn.ConnectConfig(ctx, p.replCfg)
-		if err != nil {
-			return false, fmt.Errorf("open replication connection: %w", err)
 		}
 		err = p.startReplication(ctx, repl, start)
 		if isSlotActive(err) {
@@ -351,6 +382,26 @@ func (p *Publisher) session(ctx context.Context) (streamed bool, err error) {
 		}
 		return true, err
 	}
+}
+
+// durableCheckpoints makes this session's commits (the checkpoint writes)
+// durable before they return, whatever the server's synchronous_commit:
+// with it off, a server crash can lose the last checkpoint while the slot
+// kept the position it was confirmed to, and the next start would see the
+// slot ahead of the checkpoint, a false gap.
+func (p *Publisher) durableCheckpoints(ctx context.Context, db *pgx.Conn) error {
+	var sc string
+	if err := db.QueryRow(ctx, "SELECT current_setting('synchronous_commit')").Scan(&sc); err != nil {
+		return fmt.Errorf("read synchronous_commit: %w", err)
+	}
+	if sc != "off" {
+		return nil
+	}
+	if _, err := db.Exec(ctx, "SET synchronous_commit = local"); err != nil {
+		return fmt.Errorf("set synchronous_commit: %w", err)
+	}
+	p.log.Info("synchronous_commit is off on this server: the publisher's checkpoint writes use synchronous_commit = local, so that a crash cannot lose a checkpoint the slot was confirmed to")
+	return nil
 }
 
 // retry runs f with backoff until it succeeds, ctx is done, or retryable

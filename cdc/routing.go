@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/changefeed/changefeed/internal/yamlline"
 )
 
 // Default topics, as in CommCare HQ.
@@ -171,24 +173,28 @@ func ParseRouting(file string, data []byte) (*Routing, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&raw); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fail("%v", err)
+		return nil, fail("%v", yamlline.Parse(data, err))
 	}
+	// Decoded again as a tree: where each value is, for the errors below.
+	var root yaml.Node
+	_ = yaml.Unmarshal(data, &root)
+	line := func(path ...string) int { return yamlline.Of(&root, path...) }
 	r := &Routing{File: file, TypeTopics: DefaultTypeTopics(), DefaultTopic: TopicMeta}
 	if raw.DefaultTopic != "" {
 		if !topicPattern.MatchString(raw.DefaultTopic) {
-			return nil, fail("field default_topic: %q is not a valid Kafka topic name", raw.DefaultTopic)
+			return nil, fail("line %d: field default_topic: %q is not a valid Kafka topic name", line("default_topic"), raw.DefaultTopic)
 		}
 		r.DefaultTopic = raw.DefaultTopic
 	}
 	for dt, topic := range raw.DocumentTypeTopics {
 		if dt == "" || !topicPattern.MatchString(topic) {
-			return nil, fail("field document_type_topics: %q: %q is not a valid Kafka topic name", dt, topic)
+			return nil, fail("line %d: field document_type_topics: %q: %q is not a valid Kafka topic name", line("document_type_topics", dt), dt, topic)
 		}
 		r.TypeTopics[dt] = topic
 	}
-	for _, topic := range raw.Topics {
+	for i, topic := range raw.Topics {
 		if !topicPattern.MatchString(topic) {
-			return nil, fail("field topics: %q is not a valid Kafka topic name", topic)
+			return nil, fail("line %d: field topics: %q is not a valid Kafka topic name", line("topics", fmt.Sprintf("[%d]", i)), topic)
 		}
 		r.ExtraTopics = append(r.ExtraTopics, topic)
 	}
@@ -201,10 +207,10 @@ func ParseRouting(file string, data []byte) (*Routing, error) {
 			name = fmt.Sprintf("#%d (line %d)", i+1, n.Line)
 		}
 		if err != nil {
-			return nil, fail("table %s: %v", name, err)
+			return nil, fail("table %s: %v", name, yamlline.With(n.Line, err))
 		}
 		if seen[name] {
-			return nil, fail("table %s: field table: listed twice", name)
+			return nil, fail("table %s: line %d: field table: listed twice", name, n.Line)
 		}
 		seen[name] = true
 		r.Tables = append(r.Tables, t)

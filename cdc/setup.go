@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
@@ -195,183 +194,12 @@ func (p *Publisher) ensurePublication(ctx context.Context, db *pgx.Conn) error {
 		if _, err := db.Exec(ctx, "ALTER PUBLICATION "+pub+" ADD TABLE "+strings.Join(add, ", ")); err != nil {
 			return fmt.Errorf("add tables to publication %s: %w", p.cfg.Publication, err)
 		}
-		p.log.Info("tables added to publication", "publication", p.cfg.Publication, "tables", add)
+		// PostgreSQL decodes a table's changes only from the moment it is in
+		// the publication: rows written before were never published.
+		p.log.Warn("tables added to publication: rows written to them before now were never published; backfill them unless the tables are new (a table recreated or swapped in while the publisher ran is one to backfill)",
+			"publication", p.cfg.Publication, "tables", add)
 	}
 	return nil
-}
-
-type slotInfo struct {
-	exists    bool
-	plugin    string
-	slotType  string
-	database  string
-	active    bool
-	activePID *int32
-	walStatus *string
-	confirmed *string
-}
-
-func (p *Publisher) readSlot(ctx context.Context, db *pgx.Conn) (slotInfo, error) {
-	var s slotInfo
-	err := db.QueryRow(ctx, `
-SELECT plugin::text, slot_type, database::text, active, active_pid, wal_status, confirmed_flush_lsn::text
-FROM pg_replication_slots WHERE slot_name = $1`, p.cfg.Slot).
-		Scan(&s.plugin, &s.slotType, &s.database, &s.active, &s.activePID, &s.walStatus, &s.confirmed)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return s, nil
-	}
-	if err != nil {
-		return s, fmt.Errorf("read slot %s: %w", p.cfg.Slot, err)
-	}
-	s.exists = true
-	return s, nil
-}
-
-func (p *Publisher) readCheckpoint(ctx context.Context, db *pgx.Conn) (stub.LSN, bool, error) {
-	var lsn string
-	err := db.QueryRow(ctx, "SELECT confirmed_lsn::text FROM changefeed.cdc_checkpoint WHERE slot_name = $1", p.cfg.Slot).Scan(&lsn)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return 0, false, nil
-	}
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "42P01" {
-		return 0, false, precondition("table changefeed.cdc_checkpoint does not exist: run `cdc-publisher migrate` or start without --no-migrate")
-	}
-	if err != nil {
-		return 0, false, fmt.Errorf("read checkpoint: %w", err)
-	}
-	v, err := stub.ParseLSN(lsn)
-	return v, true, err
-}
-
-func (p *Publisher) writeCheckpoint(ctx context.Context, db *pgx.Conn, lsn stub.LSN) error {
-	_, err := db.Exec(ctx, `
-INSERT INTO changefeed.cdc_checkpoint (slot_name, confirmed_lsn, updated_at) VALUES ($1, $2::text::pg_lsn, now())
-ON CONFLICT (slot_name) DO UPDATE SET confirmed_lsn = EXCLUDED.confirmed_lsn, updated_at = now()`, p.cfg.Slot, lsn.String())
-	if err != nil {
-		return fmt.Errorf("write checkpoint %s: %w", lsn, err)
-	}
-	return nil
-}
-
-// prepareSlot reconciles the slot with the checkpoint and returns the LSN to
-// start streaming from. It creates the slot on a first start, refuses a
-// possible gap unless AllowNewSlot, and waits while the slot is active in
-// another process.
-func (p *Publisher) prepareSlot(ctx context.Context, db *pgx.Conn) (stub.LSN, error) {
-	var waitStart, lastLog time.Time
-	for {
-		s, err := p.readSlot(ctx, db)
-		if err != nil {
-			return 0, err
-		}
-		ckpt, hasCkpt, err := p.readCheckpoint(ctx, db)
-		if err != nil {
-			return 0, err
-		}
-		if !s.exists {
-			if hasCkpt && !p.cfg.AllowNewSlot {
-				return 0, fmt.Errorf("%w: replication slot %s does not exist, but changefeed.cdc_checkpoint says changes up to %s were confirmed to it; "+
-					"it was dropped or lost (failover?), so changes after %s may never be published. "+
-					"Remedy: resync the consumers from the source tables, then start once with --allow-new-slot (CHANGEFEED_ALLOW_NEW_SLOT=true) to create a fresh slot",
-					ErrPossibleGap, p.cfg.Slot, ckpt, ckpt)
-			}
-			return p.createSlot(ctx, db, ckpt, hasCkpt)
-		}
-		switch {
-		case s.slotType != "logical":
-			return 0, precondition("slot %s is a %s slot, not a logical one; choose another --slot", p.cfg.Slot, s.slotType)
-		case s.plugin != "pgoutput":
-			return 0, precondition("slot %s uses the output plugin %q, not pgoutput; choose another --slot or drop it", p.cfg.Slot, s.plugin)
-		case s.walStatus != nil && *s.walStatus == "lost":
-			return 0, precondition("slot %s has wal_status lost: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size?), changes are missing. "+
-				"Remedy: drop the slot (SELECT pg_drop_replication_slot('%s')), resync consumers, start with --allow-new-slot", p.cfg.Slot, p.cfg.Slot)
-		}
-		var dbName string
-		if err := db.QueryRow(ctx, "SELECT current_database()").Scan(&dbName); err != nil {
-			return 0, fmt.Errorf("read database name: %w", err)
-		}
-		if s.database != dbName {
-			return 0, precondition("slot %s belongs to database %q, not %q; choose another --slot", p.cfg.Slot, s.database, dbName)
-		}
-		if s.active {
-			if p.cfg.SlotWaitTimeout < 0 {
-				return 0, fmt.Errorf("%w: slot %s is streamed by process %d (another cdc-publisher?)", ErrSlotBusy, p.cfg.Slot, deref(s.activePID))
-			}
-			now := time.Now()
-			if waitStart.IsZero() {
-				waitStart = now
-				p.state.Store(int32(StateWaitingForSlot))
-			}
-			if p.cfg.SlotWaitTimeout > 0 && now.Sub(waitStart) > p.cfg.SlotWaitTimeout {
-				return 0, fmt.Errorf("%w: slot %s is still streamed by process %d after %s", ErrSlotBusy, p.cfg.Slot, deref(s.activePID), p.cfg.SlotWaitTimeout)
-			}
-			if now.Sub(lastLog) >= 10*time.Second {
-				lastLog = now
-				p.log.Warn("replication slot is active in another process (another cdc-publisher?); waiting for it to be released, confirming nothing meanwhile",
-					"slot", p.cfg.Slot, "active_pid", deref(s.activePID), "waiting", now.Sub(waitStart).Round(time.Second))
-			}
-			if !sleep(ctx, 500*time.Millisecond) {
-				return 0, ctx.Err()
-			}
-			continue
-		}
-		slotLSN, err := stub.ParseLSN(deref(s.confirmed))
-		if err != nil {
-			return 0, fmt.Errorf("slot %s confirmed_flush_lsn: %w", p.cfg.Slot, err)
-		}
-		switch {
-		case !hasCkpt:
-			// A slot created by an operator, or a crash between creating the
-			// slot and writing the checkpoint: adopt the slot's position.
-			if err := p.writeCheckpoint(ctx, db, slotLSN); err != nil {
-				return 0, err
-			}
-			p.log.Info("adopting existing slot", "slot", p.cfg.Slot, "confirmed_flush_lsn", slotLSN)
-			return slotLSN, nil
-		case slotLSN > ckpt:
-			if !p.cfg.AllowNewSlot {
-				return 0, fmt.Errorf("%w: slot %s has confirmed_flush_lsn %s, ahead of the checkpoint %s in changefeed.cdc_checkpoint: "+
-					"something other than this publisher confirmed changes between %s and %s, which may never have been published. "+
-					"Remedy: resync the consumers, then start once with --allow-new-slot (CHANGEFEED_ALLOW_NEW_SLOT=true) to accept the slot's position",
-					ErrPossibleGap, p.cfg.Slot, slotLSN, ckpt, ckpt, slotLSN)
-			}
-			p.log.Warn("accepting a slot ahead of the checkpoint (--allow-new-slot): changes in between may be missing",
-				"slot", p.cfg.Slot, "checkpoint", ckpt, "confirmed_flush_lsn", slotLSN)
-			if err := p.writeCheckpoint(ctx, db, slotLSN); err != nil {
-				return 0, err
-			}
-			return slotLSN, nil
-		default:
-			// The checkpoint is written before the slot is confirmed, so it
-			// may be ahead; everything up to it was acknowledged by Kafka.
-			start := max(slotLSN, ckpt)
-			p.log.Info("resuming slot", "slot", p.cfg.Slot, "confirmed_flush_lsn", slotLSN, "checkpoint", ckpt, "start", start)
-			return start, nil
-		}
-	}
-}
-
-func (p *Publisher) createSlot(ctx context.Context, db *pgx.Conn, ckpt stub.LSN, hasCkpt bool) (stub.LSN, error) {
-	var lsnText string
-	err := db.QueryRow(ctx, "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", p.cfg.Slot).Scan(&lsnText)
-	if err != nil {
-		return 0, fmt.Errorf("create replication slot %s: %w", p.cfg.Slot, err)
-	}
-	lsn, err := stub.ParseLSN(lsnText)
-	if err != nil {
-		return 0, err
-	}
-	if err := p.writeCheckpoint(ctx, db, lsn); err != nil {
-		return 0, err
-	}
-	if hasCkpt {
-		p.log.Warn("created a fresh replication slot although a checkpoint existed (--allow-new-slot): changes between the checkpoint and the new slot may be missing",
-			"slot", p.cfg.Slot, "checkpoint", ckpt, "new_slot_lsn", lsn)
-	} else {
-		p.log.Info("replication slot created", "slot", p.cfg.Slot, "lsn", lsn)
-	}
-	return lsn, nil
 }
 
 func (p *Publisher) startReplication(ctx context.Context, conn *pgconn.PgConn, start stub.LSN) error {

@@ -77,6 +77,13 @@ type stream struct {
 	// silent for longer than silenceTimeout is taken as dead.
 	lastReceived time.Time
 
+	// Slot and publication watch (see watch): when a warning was last
+	// logged, the previous safe_wal_size (-1: none), and per missing routed
+	// table when it was last reported.
+	lastSlotWarn  time.Time
+	lastSafe      int64
+	missingWarned map[string]time.Time
+
 	// Scratch reused for every change.
 	rows, old  rowVals
 	fields     stubFields
@@ -93,12 +100,46 @@ func newStream(p *Publisher, db *pgx.Conn, conn *pgconn.PgConn, start stub.LSN) 
 		tr:       &ack.Tracker[txPos]{},
 		rels:     map[uint32]*relation{},
 		startPos: start,
+		lastSafe: -1,
+
+		missingWarned: map[string]time.Time{},
 	}
 }
 
 // run streams until ctx is done (then it flushes and confirms: shutdown) or
-// an error.
+// an error. Before returning an error a restart would not cure, it confirms
+// what Kafka acknowledged (see confirmBeforeExit).
 func (s *stream) run(ctx context.Context) error {
+	err := s.stream(ctx)
+	if err != nil && ctx.Err() == nil && !isTransient(err) && !errors.Is(err, errConfirmFailed) {
+		s.confirmBeforeExit(err)
+	}
+	return err
+}
+
+// confirmBeforeExit confirms the acknowledged prefix before a fatal exit:
+// without it the next start (after the operator's fix) would replay, and
+// publish again, everything since the last periodic confirmation; and a
+// failure in a transaction would drag along the transactions before it. The
+// tracker's position never passes an unacknowledged or failed stub, so
+// confirming it loses nothing; a failure here only leaves more to replay.
+func (s *stream) confirmBeforeExit(cause error) {
+	p := s.p
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownTimeout)
+	defer cancel()
+	if err := p.prod.Flush(ctx); err != nil {
+		p.log.Warn("stopping on an error: producer not flushed, unacknowledged stubs will be published again after restart", "err", err)
+	}
+	_ = s.conn.Conn().SetReadDeadline(time.Time{})
+	s.ctx = ctx
+	if err := s.confirm(true); err != nil {
+		p.log.Warn("stopping on an error: could not confirm the acknowledged prefix; it will be published again after restart", "err", err, "cause", cause)
+		return
+	}
+	p.log.Info("stopping on an error: confirmed what Kafka acknowledged", "confirmed", p.Confirmed(), "cause", cause)
+}
+
+func (s *stream) stream(ctx context.Context) error {
 	p := s.p
 	s.ctx = ctx
 	ticker := time.NewTicker(p.cfg.StatusInterval)
@@ -163,7 +204,10 @@ func (s *stream) run(ctx context.Context) error {
 	}
 }
 
-var errStopping = errors.New("stopping")
+var (
+	errStopping      = errors.New("stopping")
+	errConfirmFailed = errors.New("checkpoint")
+)
 
 // silenceTimeout is how long the replication connection may stay silent
 // (no data, no keepalive, even when asked for one) before it is reconnected.
@@ -228,12 +272,15 @@ func (s *stream) walMessage(m []byte) error {
 		return s.rowChange(m)
 	case 'R':
 		var rm pglogrepl.RelationMessage
-		if err := rm.Decode(m[1:]); err != nil {
+		if err := decodeLib('R', &rm, m[1:]); err != nil {
 			return fmt.Errorf("pgoutput relation: %w", err)
 		}
 		rel, err := newRelation(&rm, s.p.cfg.Routing)
 		if err != nil {
-			return err
+			// DDL on a routed table (see ddl.go).
+			if rel, err = s.resolveSchemaChange(&rm, err); err != nil {
+				return err
+			}
 		}
 		switch {
 		case rel.noKey:
@@ -291,11 +338,15 @@ func (s *stream) rowChange(m []byte) error {
 	if len(rest) == 0 {
 		return errShortMessage
 	}
-	if rest[0] == 'K' || rest[0] == 'O' {
+	switch {
+	case kind != 'I' && (rest[0] == 'K' || rest[0] == 'O'):
 		if rest, err = scanTuple(rest[1:], rel, &s.old); err != nil {
 			return err
 		}
 		hasOld = true
+	case kind == 'D':
+		// Not a row without an id to skip: a malformed message.
+		return fmt.Errorf("pgoutput: DELETE of %s without a key or old tuple", rel.qualified)
 	}
 	if kind != 'D' {
 		if len(rest) == 0 || rest[0] != 'N' {
@@ -466,7 +517,15 @@ func (o *outRecord) finish(err error) {
 		p.printStub(&o.r)
 	}
 	if err != nil {
-		p.log.Error("Kafka refused a stub for good", "topic", o.r.Topic, "key", string(o.r.Key), "err", err)
+		switch {
+		case errors.Is(err, kgo.ErrClientClosed) || errors.Is(err, context.Canceled):
+			// Shutting down with stubs unacknowledged (a Kafka outage): not
+			// a refusal; shutdown said they will be published again.
+		default:
+			if ok, n := p.refusedLog.allow(time.Now()); ok {
+				p.log.Error("Kafka refused a stub for good", "topic", o.r.Topic, "key", string(o.r.Key), "err", err, "suppressed_since_last", n)
+			}
+		}
 	}
 	o.u = nil
 	if cap(o.r.Value) > 64<<10 {
@@ -488,10 +547,7 @@ func (o *outRecord) finish(err error) {
 // message handles a logical decoding message (pg_logical_emit_message).
 func (s *stream) message(m []byte) error {
 	var lm pglogrepl.LogicalDecodingMessage
-	if len(m) < 14 {
-		return errShortMessage
-	}
-	if err := lm.Decode(m); err != nil {
+	if err := decodeLib('M', &lm, m); err != nil {
 		return fmt.Errorf("pgoutput message: %w", err)
 	}
 	switch lm.Prefix {
@@ -561,10 +617,7 @@ func (s *stream) truncate(m []byte) error {
 		return errors.New("pgoutput: TRUNCATE outside a transaction")
 	}
 	var tm pglogrepl.TruncateMessage
-	if len(m) < 9 {
-		return errShortMessage
-	}
-	if err := tm.Decode(m); err != nil {
+	if err := decodeLib('T', &tm, m); err != nil {
 		return fmt.Errorf("pgoutput truncate: %w", err)
 	}
 	p := s.p
@@ -636,7 +689,14 @@ func (s *stream) tick() error {
 			return fmt.Errorf("sample lag: %w", err)
 		}
 		p.m.lagBytes.Set(float64(lag))
+		ctx, cancel = context.WithTimeout(s.ctx, 10*time.Second)
+		err = s.watch(ctx)
+		cancel()
+		if err != nil && s.ctx.Err() == nil {
+			return err
+		}
 	}
+	p.m.pendingTx.Set(float64(s.tr.Units()))
 	return nil
 }
 
@@ -676,7 +736,7 @@ func (s *stream) confirm(force bool) error {
 			p.m.checkpointErrors.Inc()
 			// Nothing is confirmed without a checkpoint: give up the
 			// session (the reconnect path retries).
-			return fmt.Errorf("checkpoint: %w", err)
+			return fmt.Errorf("%w: %w", errConfirmFailed, err)
 		}
 	}
 	due := now.Sub(s.lastStatus) >= p.cfg.KeepaliveInterval

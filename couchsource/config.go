@@ -104,7 +104,7 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Routing == nil {
 		c.Routing = DefaultRouting()
-		if err := c.Routing.validate("defaults"); err != nil {
+		if err := c.Routing.validate("defaults", nil); err != nil {
 			return c, err
 		}
 	}

@@ -45,8 +45,9 @@ type projector struct {
 	// of the "doc" members of change rows.
 	docMode bool
 
-	key []byte // scratch: the current key
-	val []byte // scratch: a kept value
+	key  []byte // scratch: the current key
+	val  []byte // scratch: a kept value
+	open []bool // scratch: containers open in a skipped value
 }
 
 // flushingReader flushes the projector's output before every read of the
@@ -113,7 +114,7 @@ func (p *projector) run() error {
 			return err
 		}
 		if p.docMode && c == '{' {
-			if err := p.projectObject(); err != nil {
+			if err := p.projectObject(0); err != nil {
 				return unexpected(err)
 			}
 			continue
@@ -133,19 +134,19 @@ func unexpected(err error) error {
 	return err
 }
 
-// nonSpace returns the next byte that is not JSON whitespace. With copy it
-// writes newlines through (continuous feeds separate rows by them).
-func (p *projector) nonSpace(copyNL bool) (byte, error) {
+// nonSpace returns the next byte that is not JSON whitespace. With copyWS
+// it writes the whitespace through: between top-level values it separates
+// rows (continuous feeds end each with a newline) and literals ("1 2").
+func (p *projector) nonSpace(copyWS bool) (byte, error) {
 	for {
 		c, err := p.r.ReadByte()
 		if err != nil {
 			return 0, err
 		}
 		switch c {
-		case ' ', '\t', '\r':
-		case '\n':
-			if copyNL {
-				p.w.WriteByte('\n')
+		case ' ', '\t', '\r', '\n':
+			if copyWS {
+				p.w.WriteByte(c)
 			}
 		default:
 			return c, nil
@@ -162,7 +163,7 @@ func (p *projector) copyValue(c byte, depth int, isDoc bool) error {
 	switch c {
 	case '{':
 		if isDoc {
-			return p.projectObject()
+			return p.projectObject(depth)
 		}
 		p.w.WriteByte('{')
 		for i := 0; ; i++ {
@@ -208,7 +209,7 @@ func (p *projector) copyValue(c byte, depth int, isDoc bool) error {
 			if err != nil {
 				return err
 			}
-			doc := !long && !p.docMode && string(key) == "doc"
+			doc := !long && !p.docMode && keyIs(key, "doc")
 			if err := p.copyValue(v, depth+1, doc); err != nil {
 				return err
 			}
@@ -240,7 +241,7 @@ func (p *projector) copyValue(c byte, depth int, isDoc bool) error {
 		p.w.WriteByte('"')
 		return p.scanString(p.w, nil)
 	default:
-		return p.scanLiteral(c, p.w, nil)
+		return p.scanLiteral(c, p.w, nil, false)
 	}
 }
 
@@ -256,8 +257,9 @@ func (p *projector) colon() error {
 }
 
 // projectObject reads an object (its '{' consumed) and writes only the keep
-// members. Every other member's value is skipped without being kept.
-func (p *projector) projectObject() error {
+// members. Every other member's value is skipped without being kept. depth
+// is the number of containers around the object.
+func (p *projector) projectObject(depth int) error {
 	p.w.WriteByte('{')
 	n := 0
 	for i := 0; ; i++ {
@@ -296,17 +298,20 @@ func (p *projector) projectObject() error {
 			return err
 		}
 		if long || !p.wanted(key) {
-			if err := p.skipValue(v, nil); err != nil {
+			if err := p.skipValue(v, nil, depth+1); err != nil {
 				return err
 			}
 			continue
 		}
 		p.val = p.val[:0]
-		if err := p.skipValue(v, &p.val); err != nil {
+		if err := p.skipValue(v, &p.val, depth+1); err != nil {
 			return err
 		}
 		if len(p.val) > maxFieldLen {
-			continue // dropped, see maxFieldLen
+			// Dropped, see maxFieldLen; written as null so that it still
+			// overrides an earlier member of the same name, as the last
+			// of duplicate keys does in a full decode.
+			p.val = append(p.val[:0], "null"...)
 		}
 		if n > 0 {
 			p.w.WriteByte(',')
@@ -324,48 +329,116 @@ func (p *projector) wanted(raw []byte) bool {
 	if bytes.IndexByte(raw, '\\') < 0 {
 		return p.keep[string(raw)]
 	}
-	var s string
-	if err := json.Unmarshal(append(append([]byte{'"'}, raw...), '"'), &s); err != nil {
-		return false
+	s, ok := unescapeKey(raw)
+	return ok && p.keep[s]
+}
+
+// keyIs reports whether a raw (still escaped) key is s.
+func keyIs(raw []byte, s string) bool {
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw) == s
 	}
-	return p.keep[s]
+	k, ok := unescapeKey(raw)
+	return ok && k == s
+}
+
+func unescapeKey(raw []byte) (string, bool) {
+	var s string
+	err := json.Unmarshal(append(append([]byte{'"'}, raw...), '"'), &s)
+	return s, err == nil
 }
 
 // readKey reads a string's raw bytes (its opening quote consumed) up to
 // maxKeyLen. long reports that the key goes on and its rest is unread.
 func (p *projector) readKey() (key []byte, long bool, err error) {
 	p.key = p.key[:0]
+	var st strState
 	for {
 		c, err := p.r.ReadByte()
 		if err != nil {
 			return nil, false, err
 		}
-		switch c {
-		case '"':
-			return p.key, false, nil
-		case '\\':
-			e, err := p.r.ReadByte()
-			if err != nil {
-				return nil, false, err
-			}
-			p.key = append(p.key, c, e)
-		default:
-			p.key = append(p.key, c)
+		closed, err := st.step(c)
+		if err != nil {
+			return nil, false, err
 		}
+		if closed {
+			return p.key, false, nil
+		}
+		p.key = append(p.key, c)
 		if len(p.key) >= maxKeyLen {
-			return p.key, true, nil
+			err := st.carry(p)
+			return p.key, true, err
 		}
 	}
 }
 
+// strState checks a string's bytes as encoding/json does: no control
+// characters, only its escapes. Invalid UTF-8 is accepted (a decoder
+// replaces it).
+type strState struct {
+	esc bool // after a backslash
+	hex int  // hex digits of a \u escape still to come
+}
+
+// step takes the next byte of a string; closed reports its closing quote.
+func (st *strState) step(c byte) (closed bool, err error) {
+	switch {
+	case st.esc:
+		st.esc = false
+		switch c {
+		case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+		case 'u':
+			st.hex = 4
+		default:
+			return false, fmt.Errorf("%w: invalid escape %q in a string", errSyntax, c)
+		}
+	case st.hex > 0:
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+			return false, fmt.Errorf("%w: invalid \\u escape in a string", errSyntax)
+		}
+		st.hex--
+	case c == '\\':
+		st.esc = true
+	case c == '"':
+		return true, nil
+	case c < 0x20:
+		return false, fmt.Errorf("%w: control character %q in a string", errSyntax, c)
+	}
+	return false, nil
+}
+
+// carry hands a string's state to the scan of its rest (scanString starts
+// from a clean state, so an escape cut by maxKeyLen is finished here).
+func (st *strState) carry(p *projector) error {
+	for st.esc || st.hex > 0 {
+		c, err := p.r.ReadByte()
+		if err != nil {
+			return err
+		}
+		if _, err := st.step(c); err != nil {
+			return err
+		}
+		p.key = append(p.key, c)
+	}
+	return nil
+}
+
 // scanString consumes a string's bytes after its opening quote, through its
-// closing quote, writing them to w and appending them to buf when non-nil.
+// closing quote, checking them (strState), writing them to w and appending
+// them to buf when non-nil.
 func (p *projector) scanString(w *bufio.Writer, buf *[]byte) error {
-	escaped := false
+	var st strState
 	for {
 		chunk, err := p.r.ReadSlice('"')
 		if err != nil && err != bufio.ErrBufferFull {
 			return err
+		}
+		closed := false
+		for _, c := range chunk {
+			if closed, err = st.step(c); err != nil {
+				return err
+			}
 		}
 		if w != nil {
 			w.Write(chunk)
@@ -373,37 +446,24 @@ func (p *projector) scanString(w *bufio.Writer, buf *[]byte) error {
 		if buf != nil && len(*buf) <= maxFieldLen {
 			*buf = append(*buf, chunk...)
 		}
-		if err == bufio.ErrBufferFull {
-			escaped = endsEscaped(chunk, escaped)
-			continue
-		}
-		// chunk ends with '"': it closes the string unless escaped.
-		if !endsEscaped(chunk[:len(chunk)-1], escaped) {
+		if closed {
 			return nil
 		}
-		escaped = false
 	}
 }
 
-// endsEscaped reports whether the byte after b is escaped: b ends in an odd
-// run of backslashes (counting a run carried over from the previous chunk).
-func endsEscaped(b []byte, carried bool) bool {
-	n := 0
-	for i := len(b) - 1; i >= 0 && b[i] == '\\'; i-- {
-		n++
-	}
-	if n == len(b) && carried {
-		n++
-	}
-	return n%2 == 1
-}
-
-// scanLiteral consumes a number, true, false or null starting with c.
-func (p *projector) scanLiteral(c byte, w *bufio.Writer, buf *[]byte) error {
+// scanLiteral consumes a number, true, false or null starting with c. With
+// check it must be one, as encoding/json reads them; without, the bytes
+// are copied for the reader of the projection to judge.
+func (p *projector) scanLiteral(c byte, w *bufio.Writer, buf *[]byte, check bool) error {
 	if !isLiteralByte(c) {
 		return fmt.Errorf("%w: unexpected %q", errSyntax, c)
 	}
+	var lit litState
 	for {
+		if check && !lit.step(c) {
+			return fmt.Errorf("%w: invalid literal", errSyntax)
+		}
 		if w != nil {
 			w.WriteByte(c)
 		}
@@ -412,61 +472,188 @@ func (p *projector) scanLiteral(c byte, w *bufio.Writer, buf *[]byte) error {
 		}
 		next, err := p.r.ReadByte()
 		if err == io.EOF {
-			return nil // a literal may end the stream
+			break // a literal may end the stream
 		}
 		if err != nil {
 			return err
 		}
 		if !isLiteralByte(next) {
-			return p.r.UnreadByte()
+			if err := p.r.UnreadByte(); err != nil {
+				return err
+			}
+			break
 		}
 		c = next
 	}
+	if check && !lit.done() {
+		return fmt.Errorf("%w: invalid literal", errSyntax)
+	}
+	return nil
 }
 
 func isLiteralByte(c byte) bool {
 	return c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c == '-' || c == '+' || c == '.' || c == 'E'
 }
 
-// skipValue consumes the value starting with c without recursion, so that a
-// deeply nested document costs no stack. With buf non-nil it keeps the
-// value's bytes (without whitespace) while they fit in maxFieldLen.
-func (p *projector) skipValue(c byte, buf *[]byte) error {
-	depth := 0
+// litState recognises true, false, null and JSON numbers byte by byte.
+type litState struct {
+	word  string // the keyword being read, or "" for a number
+	n     int    // bytes read
+	state int8   // of a number: see step
+}
+
+// Number states: 1 after '-', 2 a leading 0, 3 integer digits, 4 after
+// '.', 5 fraction digits, 6 after 'e', 7 after the exponent's sign, 8
+// exponent digits. 2, 3, 5 and 8 may end a number.
+func (l *litState) step(c byte) bool {
+	l.n++
+	if l.n == 1 {
+		switch c {
+		case 't':
+			l.word = "true"
+		case 'f':
+			l.word = "false"
+		case 'n':
+			l.word = "null"
+		}
+	}
+	if l.word != "" {
+		return l.n <= len(l.word) && l.word[l.n-1] == c
+	}
+	digit := c >= '0' && c <= '9'
+	switch {
+	case l.state == 0 && c == '-':
+		l.state = 1
+	case (l.state == 0 || l.state == 1) && c == '0':
+		l.state = 2
+	case (l.state == 0 || l.state == 1) && digit:
+		l.state = 3
+	case l.state == 3 && digit:
+	case (l.state == 2 || l.state == 3) && c == '.':
+		l.state = 4
+	case (l.state == 4 || l.state == 5) && digit:
+		l.state = 5
+	case (l.state == 2 || l.state == 3 || l.state == 5) && (c == 'e' || c == 'E'):
+		l.state = 6
+	case l.state == 6 && (c == '+' || c == '-'):
+		l.state = 7
+	case (l.state == 6 || l.state == 7 || l.state == 8) && digit:
+		l.state = 8
+	default:
+		return false
+	}
+	return true
+}
+
+func (l *litState) done() bool {
+	if l.word != "" {
+		return l.n == len(l.word)
+	}
+	return l.state == 2 || l.state == 3 || l.state == 5 || l.state == 8
+}
+
+// maxDepth is encoding/json's nesting limit: a document nested deeper is
+// refused as a full decode refuses it.
+const maxDepth = 10000
+
+// skipValue consumes the value starting with c, checking it as
+// encoding/json would, without recursion, so that a deeply nested document
+// costs no stack. depth is the number of containers around it. With buf
+// non-nil it keeps the value's bytes (without whitespace) while they fit
+// in maxFieldLen.
+func (p *projector) skipValue(c byte, buf *[]byte, depth int) error {
+	// open holds the containers opened inside the value, one bit each
+	// (1: object), so that memory stays bounded.
+	open := p.open[:0]
+	defer func() { p.open = open[:0] }()
+	push := func(obj bool) error {
+		if depth+len(open)+1 > maxDepth {
+			return fmt.Errorf("%w: nested deeper than %d levels", errSyntax, maxDepth)
+		}
+		open = append(open, obj)
+		return nil
+	}
 	for {
+		// c starts a value.
 		switch c {
 		case '{', '[':
-			depth++
-			keepByte(buf, c)
-		case '}', ']':
-			depth--
-			keepByte(buf, c)
-			if depth < 0 {
-				return fmt.Errorf("%w: unbalanced %q", errSyntax, c)
-			}
-		case ',', ':':
-			if depth == 0 {
-				return fmt.Errorf("%w: unexpected %q", errSyntax, c)
+			if err := push(c == '{'); err != nil {
+				return err
 			}
 			keepByte(buf, c)
+			var err error
+			if c, err = p.nonSpace(false); err != nil {
+				return err
+			}
+			if c == '}' && open[len(open)-1] || c == ']' && !open[len(open)-1] {
+				open = open[:len(open)-1]
+				keepByte(buf, c)
+				break // the value ended
+			}
+			if open[len(open)-1] {
+				if c, err = p.member(c, buf); err != nil {
+					return err
+				}
+			}
+			continue // c starts the first value
 		case '"':
 			keepByte(buf, c)
 			if err := p.scanString(nil, buf); err != nil {
 				return err
 			}
 		default:
-			if err := p.scanLiteral(c, nil, buf); err != nil {
+			if err := p.scanLiteral(c, nil, buf, true); err != nil {
 				return err
 			}
 		}
-		if depth == 0 {
-			return nil
-		}
-		var err error
-		if c, err = p.nonSpace(false); err != nil {
-			return err
+		// A value ended: close containers or move to the next member.
+		for {
+			if len(open) == 0 {
+				return nil
+			}
+			var err error
+			if c, err = p.nonSpace(false); err != nil {
+				return err
+			}
+			obj := open[len(open)-1]
+			switch {
+			case c == '}' && obj || c == ']' && !obj:
+				open = open[:len(open)-1]
+				keepByte(buf, c)
+				continue
+			case c == ',':
+				keepByte(buf, c)
+				if c, err = p.nonSpace(false); err != nil {
+					return err
+				}
+				if obj {
+					if c, err = p.member(c, buf); err != nil {
+						return err
+					}
+				}
+			default:
+				return fmt.Errorf("%w: unexpected %q after a value", errSyntax, c)
+			}
+			break
 		}
 	}
+}
+
+// member reads an object member's key and colon, c being the key's
+// opening quote, and returns the first byte of its value.
+func (p *projector) member(c byte, buf *[]byte) (byte, error) {
+	if c != '"' {
+		return 0, fmt.Errorf("%w: want a key, got %q", errSyntax, c)
+	}
+	keepByte(buf, c)
+	if err := p.scanString(nil, buf); err != nil {
+		return 0, err
+	}
+	if err := p.colon(); err != nil {
+		return 0, err
+	}
+	keepByte(buf, ':')
+	return p.nonSpace(false)
 }
 
 func keepByte(buf *[]byte, c byte) {

@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/changefeed/changefeed/internal/yamlline"
 )
 
 // DeletedSuffix marks a soft-deleted document's doc_type ("CommCareCase-Deleted").
@@ -121,18 +123,28 @@ func DefaultRouting() *Routing {
 func LoadRouting(path string) (*Routing, error) {
 	r := DefaultRouting()
 	if path == "" {
-		return r, r.validate("defaults")
+		return r, r.validate("defaults", nil)
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("%w: routing file %s: %w", ErrRouting, path, err)
 	}
+	return parseRouting(path, b)
+}
+
+// parseRouting reads a routing file's content over the defaults; path
+// names it in errors.
+func parseRouting(path string, b []byte) (*Routing, error) {
+	r := DefaultRouting()
 	var file Routing
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&file); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("%w: routing file %s: %w", ErrRouting, path, err)
+		return nil, fmt.Errorf("%w: routing file %s: %w", ErrRouting, path, yamlline.Parse(b, err))
 	}
+	// Decoded again as a tree: where each value is, for the errors below.
+	var root yaml.Node
+	_ = yaml.Unmarshal(b, &root)
 	if file.DefaultTopic != "" {
 		r.DefaultTopic = file.DefaultTopic
 	}
@@ -144,7 +156,7 @@ func LoadRouting(path string) (*Routing, error) {
 	for dt, f := range file.Fields {
 		r.Fields[dt] = f
 	}
-	if err := r.validate("routing file " + path); err != nil {
+	if err := r.validate("routing file "+path, &root); err != nil {
 		return nil, err
 	}
 	return r, nil
@@ -155,8 +167,9 @@ var (
 	fieldRE = regexp.MustCompile(`^[^\x00-\x1f"\\]{1,128}$`)
 )
 
-// validate fills defaults and checks every entry; where names the file.
-func (r *Routing) validate(where string) error {
+// validate fills defaults and checks every entry; where names the file
+// and root, when not nil, is the file's content, for line numbers.
+func (r *Routing) validate(where string, root *yaml.Node) error {
 	if r.DefaultTopic == "" {
 		r.DefaultTopic = "meta"
 	}
@@ -166,43 +179,50 @@ func (r *Routing) validate(where string) error {
 	if r.Fields == nil {
 		r.Fields = map[string]Fields{}
 	}
+	// at is where an error is: the file and its line.
+	at := func(path ...string) string {
+		if root == nil {
+			return where
+		}
+		return fmt.Sprintf("%s: line %d", where, yamlline.Of(root, path...))
+	}
 	if !topicRE.MatchString(r.DefaultTopic) {
-		return fmt.Errorf("%w: %s: field default_topic: %q is not a valid Kafka topic name", ErrRouting, where, r.DefaultTopic)
+		return fmt.Errorf("%w: %s: field default_topic: %q is not a valid Kafka topic name", ErrRouting, at("default_topic"), r.DefaultTopic)
 	}
 	if r.Selector != nil {
 		if _, err := json.Marshal(r.Selector); err != nil {
-			return fmt.Errorf("%w: %s: field selector: %w", ErrRouting, where, err)
+			return fmt.Errorf("%w: %s: field selector: %w", ErrRouting, at("selector"), err)
 		}
 	}
-	checkType := func(field, dt string) error {
+	checkType := func(field, key, dt string) error {
 		switch {
 		case dt == "":
-			return fmt.Errorf("%w: %s: field %s: empty doc_type", ErrRouting, where, field)
+			return fmt.Errorf("%w: %s: field %s: empty doc_type", ErrRouting, at(key, dt), field)
 		case strings.HasSuffix(dt, DeletedSuffix):
-			return fmt.Errorf("%w: %s: field %s: %s: name the base doc_type; %q documents follow its entry", ErrRouting, where, field, dt, DeletedSuffix)
+			return fmt.Errorf("%w: %s: field %s: %s: name the base doc_type; %q documents follow its entry", ErrRouting, at(key, dt), field, dt, DeletedSuffix)
 		}
 		return nil
 	}
 	for dt, topic := range r.TypeTopics {
-		if err := checkType("document_type_topics", dt); err != nil {
+		if err := checkType("document_type_topics", "document_type_topics", dt); err != nil {
 			return err
 		}
 		if !topicRE.MatchString(topic) {
-			return fmt.Errorf("%w: %s: field document_type_topics: %s: %q is not a valid Kafka topic name", ErrRouting, where, dt, topic)
+			return fmt.Errorf("%w: %s: field document_type_topics: %s: %q is not a valid Kafka topic name", ErrRouting, at("document_type_topics", dt), dt, topic)
 		}
 	}
 	for dt, f := range r.Fields {
-		if err := checkType("document_fields", dt); err != nil {
+		if err := checkType("document_fields", "document_fields", dt); err != nil {
 			return err
 		}
 		if f.DomainField == "" {
 			f.DomainField = "domain"
 		}
 		if !fieldRE.MatchString(f.DomainField) {
-			return fmt.Errorf("%w: %s: field document_fields: %s: domain_field: invalid field name %q", ErrRouting, where, dt, f.DomainField)
+			return fmt.Errorf("%w: %s: field document_fields: %s: domain_field: invalid field name %q", ErrRouting, at("document_fields", dt, "domain_field"), dt, f.DomainField)
 		}
 		if f.SubtypeField != "" && !fieldRE.MatchString(f.SubtypeField) {
-			return fmt.Errorf("%w: %s: field document_fields: %s: subtype_field: invalid field name %q", ErrRouting, where, dt, f.SubtypeField)
+			return fmt.Errorf("%w: %s: field document_fields: %s: subtype_field: invalid field name %q", ErrRouting, at("document_fields", dt, "subtype_field"), dt, f.SubtypeField)
 		}
 		r.Fields[dt] = f
 	}

@@ -1,13 +1,18 @@
 package pillows
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -90,10 +95,12 @@ func (l *ErrorLog) record(ctx context.Context, pillow string, r Retry, fs []Fail
 		if err != nil {
 			return fmt.Errorf("encode stub %s: %w", k.doc, err)
 		}
+		// jsonb refuses \u0000 (SQLSTATE 22P05).
+		b = bytes.ReplaceAll(b, []byte(`\u0000`), []byte(`\ufffd`))
 		procs = append(procs, f.Processor)
 		types = append(types, string(f.Stub.DataSourceType))
 		names = append(names, f.Stub.DataSourceName)
-		ids = append(ids, f.Stub.DocumentID)
+		ids = append(ids, rowDocID(f.Stub.DocumentID))
 		versions = append(versions, versionOf(f.Stub))
 		stubs = append(stubs, string(b))
 		etypes = append(etypes, errorType(f.Err))
@@ -130,7 +137,7 @@ func (l *ErrorLog) resolve(ctx context.Context, pillow string, keys []docKey) er
 	names := make([]string, len(keys))
 	ids := make([]string, len(keys))
 	for i, k := range keys {
-		types[i], names[i], ids[i] = string(k.typ), k.name, k.id
+		types[i], names[i], ids[i] = string(k.typ), k.name, rowDocID(k.id)
 	}
 	if _, err := l.pool.Exec(ctx, `
 DELETE FROM changefeed.pillow_errors e
@@ -149,9 +156,34 @@ func (l *ErrorLog) any(ctx context.Context, pillow string) (bool, error) {
 	return ok, err
 }
 
+// maxRowDocID is the longest document id the errors table stores as it is.
+// Its unique key is a btree, whose entries PostgreSQL caps at 2,704 bytes
+// (SQLSTATE 54000 beyond): a longer id — the kind of poison document the
+// table exists for — is stored as rowDocID's digest, and the stub column
+// keeps the whole id (ErrorRow.DocumentID is read back from it).
+const maxRowDocID = 1024
+
+// rowDocID is the document_id column's value for id.
+// PostgreSQL text cannot hold NUL or invalid UTF-8 either: such an id is
+// stored as its digest too.
+func rowDocID(id string) string {
+	if len(id) <= maxRowDocID && utf8.ValidString(id) && !strings.ContainsRune(id, 0) {
+		return id
+	}
+	sum := sha256.Sum256([]byte(id))
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// truncate cuts s to about n bytes on a rune boundary, as text PostgreSQL
+// accepts (valid UTF-8, no NUL): an error message must never be what stops
+// its failure from being recorded.
 func truncate(s string, n int) string {
+	s = strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
 	if len(s) <= n {
 		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
 	}
 	return s[:n] + "…"
 }
@@ -171,10 +203,14 @@ type ErrorRow struct {
 	Attempts       int
 	NextAttempt    time.Time
 	Dead           bool
+	// UpdatedAt changes whenever a failure is recorded for the row: the
+	// retry loop writes its outcome only if it is still the value it
+	// claimed.
+	UpdatedAt time.Time
 }
 
 // errorColumns are the columns scanErrorRow reads, in order.
-const errorColumns = `id, pillow, processor, data_source_type, data_source_name, document_id, version, stub, error_type, error_message, attempts, next_attempt, dead`
+const errorColumns = `id, pillow, processor, data_source_type, data_source_name, document_id, version, stub, error_type, error_message, attempts, next_attempt, dead, updated_at`
 
 // Rows returns the errors recorded for pillow, oldest first.
 func (l *ErrorLog) Rows(ctx context.Context, pillow string) ([]ErrorRow, error) {
@@ -190,13 +226,16 @@ func scanErrorRow(row pgx.CollectableRow) (ErrorRow, error) {
 	var r ErrorRow
 	var raw []byte
 	var typ string
-	if err := row.Scan(&r.ID, &r.Pillow, &r.Processor, &typ, &r.DataSourceName, &r.DocumentID, &r.Version, &raw, &r.ErrorType, &r.ErrorMessage, &r.Attempts, &r.NextAttempt, &r.Dead); err != nil {
+	if err := row.Scan(&r.ID, &r.Pillow, &r.Processor, &typ, &r.DataSourceName, &r.DocumentID, &r.Version, &raw, &r.ErrorType, &r.ErrorMessage, &r.Attempts, &r.NextAttempt, &r.Dead, &r.UpdatedAt); err != nil {
 		return r, err
 	}
 	r.DataSourceType = stub.Source(typ)
 	r.Stub = new(stub.Stub)
 	if err := json.Unmarshal(raw, r.Stub); err != nil {
 		return r, fmt.Errorf("pillow error %d: decode stub: %w", r.ID, err)
+	}
+	if rowDocID(r.Stub.DocumentID) == r.DocumentID {
+		r.DocumentID = r.Stub.DocumentID // the whole id of a long one
 	}
 	return r, nil
 }

@@ -11,6 +11,8 @@ type Metrics struct {
 	processed      *prometheus.CounterVec
 	docErrors      *prometheus.CounterVec
 	transient      *prometheus.CounterVec
+	stuck          *prometheus.CounterVec
+	abandoned      *prometheus.CounterVec
 	skipped        *prometheus.CounterVec
 	lagRecords     *prometheus.GaugeVec
 	lagSeconds     *prometheus.GaugeVec
@@ -33,6 +35,12 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		}, []string{"pillow", "processor"}),
 		transient: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "changefeed_pillow_transient_errors_total", Help: "Batches paused and retried because a store, sink or the errors table was unreachable.",
+		}, []string{"pillow"}),
+		stuck: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "changefeed_pillow_stuck_documents_total", Help: "Documents recorded as failed because they kept failing transiently on their own (others succeeded, or Timeouts.Stall passed).",
+		}, []string{"pillow"}),
+		abandoned: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "changefeed_pillow_abandoned_batches_total", Help: "Batches in hand abandoned (not committed) because a revoke or shutdown could not wait for them (Timeouts.Revoke, ShutdownTimeout).",
 		}, []string{"pillow"}),
 		skipped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "changefeed_pillow_stubs_skipped_total", Help: "Stubs not fetched: reason=duplicate (already processed or collapsed in a batch), filtered, invalid.",
@@ -66,7 +74,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		}, []string{"pillow"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.processed, m.docErrors, m.transient, m.skipped, m.lagRecords, m.lagSeconds,
+		for _, c := range []prometheus.Collector{m.processed, m.docErrors, m.transient, m.stuck, m.abandoned, m.skipped, m.lagRecords, m.lagSeconds,
 			m.batchSize, m.fetchSeconds, m.processSeconds, m.commitErrors, m.retries, m.fatal} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("register pillow metrics: %w", err)
@@ -86,6 +94,8 @@ func (m *Metrics) init(p *Pillow) {
 		m.retries.WithLabelValues(p.Name, o)
 	}
 	m.transient.WithLabelValues(p.Name)
+	m.stuck.WithLabelValues(p.Name)
+	m.abandoned.WithLabelValues(p.Name)
 	m.commitErrors.WithLabelValues(p.Name)
 	m.fatal.WithLabelValues(p.Name)
 	m.docErrors.WithLabelValues(p.Name, "")

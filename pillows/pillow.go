@@ -152,6 +152,29 @@ type Pillow struct {
 	// DedupSize bounds the per-partition memory of the highest version
 	// processed per document. Default 100000 documents.
 	DedupSize int
+	Timeouts  Timeouts
+}
+
+// Timeouts bound the pillow's I/O, so that a store, sink or database that
+// stops answering cannot stall a partition, a rebalance or a shutdown.
+type Timeouts struct {
+	// IO bounds each call to a document store, a processor, the errors
+	// table and the dead-letter topic. A call that runs past it fails as
+	// transient (the batch is retried; see Stall). Processors receive it
+	// as their context's deadline. Default 30s.
+	IO time.Duration
+	// Revoke bounds finishing the batches in hand of partitions revoked
+	// in a rebalance. Past it they are abandoned: their contexts are
+	// canceled, nothing is committed for them (the next owner processes
+	// them again) and the rebalance goes on. Keep it below the consumer
+	// group's rebalance timeout (franz-go's default is 60s). Default 20s.
+	Revoke time.Duration
+	// Stall is how long one document may keep failing transiently on its
+	// own (after its batch was split down to it) while nothing else of
+	// the pillow succeeds, before it is recorded as failed and its
+	// partition goes on. With other documents succeeding, it is recorded
+	// at once. Default 10m.
+	Stall time.Duration
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
@@ -246,6 +269,18 @@ func (p *Pillow) Validate() error {
 	}
 	if p.DedupSize == 0 {
 		p.DedupSize = 100000
+	}
+	for _, t := range []struct {
+		name string
+		v    *time.Duration
+		def  time.Duration
+	}{{"timeouts.io", &p.Timeouts.IO, 30 * time.Second}, {"timeouts.revoke", &p.Timeouts.Revoke, 20 * time.Second}, {"timeouts.stall", &p.Timeouts.Stall, 10 * time.Minute}} {
+		if *t.v < 0 {
+			return defErr(p.Name, t.name, "must be positive")
+		}
+		if *t.v == 0 {
+			*t.v = t.def
+		}
 	}
 	return nil
 }

@@ -4,17 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"maps"
-	"net"
 	"runtime/debug"
 	"sync"
-	"syscall"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/changefeed/changefeed/doc"
+	"github.com/changefeed/changefeed/internal/pgclass"
 	"github.com/changefeed/changefeed/stub"
 )
 
@@ -29,9 +28,11 @@ func (e *PanicError) Error() string { return fmt.Sprintf("panic: %v", e.Value) }
 
 // IsTransient reports whether err means a store, sink or the errors table
 // is unreachable rather than a document being at fault: errors wrapping
-// doc.ErrTransient, and connection-level failures that a store or sink did
-// not classify (refused or reset connections, timeouts, PostgreSQL connect
-// errors, admin shutdown).
+// doc.ErrTransient, and failures that a store or sink did not classify but
+// that are the server's by package pgclass (a SQLSTATE of class 08, 40, 53,
+// 55, 57, … or a connection error, timeout or cut response). Any other
+// error, a SQLSTATE of class 22, 23, 54 or 42 included, is the fault of the
+// documents of the call: they are split to find which.
 func IsTransient(err error) bool {
 	if err == nil {
 		return false
@@ -43,22 +44,11 @@ func IsTransient(err error) bool {
 	if errors.As(err, &pe) {
 		return false
 	}
-	var ce *pgconn.ConnectError
-	if errors.As(err, &ce) {
-		return true
-	}
 	var pge *pgconn.PgError
 	if errors.As(err, &pge) {
-		// Class 08 connection exception, 57P01..57P03 shutdown / cannot connect now, 53 insufficient resources.
-		c := pge.Code
-		return len(c) == 5 && (c[:2] == "08" || c == "57P01" || c == "57P02" || c == "57P03" || c[:2] == "53")
+		return pgclass.ServerCode(pge.Code)
 	}
-	var ne net.Error
-	if errors.As(err, &ne) {
-		return true
-	}
-	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
-		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) || errors.Is(err, context.DeadlineExceeded)
+	return pgclass.Network(err)
 }
 
 // safe calls fn, turning a panic into a *PanicError.
@@ -117,6 +107,12 @@ type engine struct {
 	// rows for this pillow since the last failure was recorded; while
 	// true, successfully processed documents clear their old rows.
 	mayHaveErrors errorFlag
+	// successes counts rounds that reached every store and processor
+	// (documents may have failed on their own): evidence that a document
+	// failing transiently alone is at fault itself.
+	successes atomic.Uint64
+	// lastOK is when a round last succeeded (Unix nanoseconds).
+	lastOK atomic.Int64
 
 	p       *Pillow
 	m       *Metrics
@@ -241,17 +237,23 @@ func fill(d *doc.Document, s *stub.Stub) {
 func (e *engine) fetchStore(ctx context.Context, k StoreKey, st Store, group []*stub.Stub) ([]*doc.Document, []Failure, error) {
 	t0 := time.Now()
 	var got []*doc.Document
+	cctx, cancel := context.WithTimeout(ctx, e.p.Timeouts.IO)
 	err := safe(func() error {
 		var err error
-		got, err = st.Fetch(ctx, group)
+		got, err = st.Fetch(cctx, group)
 		return err
 	})
+	timedOut := cctx.Err() != nil
+	cancel()
 	e.m.fetchSeconds.WithLabelValues(e.p.Name, k.String()).Observe(time.Since(t0).Seconds())
 	if err == nil {
 		return got, nil, nil
 	}
 	if ctx.Err() != nil {
 		return nil, nil, ctx.Err()
+	}
+	if timedOut {
+		return nil, nil, fmt.Errorf("%w: fetch from %s: no answer within %s: %w", doc.ErrTransient, k, e.p.Timeouts.IO, err)
 	}
 	if IsTransient(err) {
 		return nil, nil, fmt.Errorf("fetch from %s: %w", k, err)
@@ -270,18 +272,18 @@ func (e *engine) fetchStore(ctx context.Context, k StoreKey, st Store, group []*
 	if len(group) == 1 {
 		return nil, []Failure{{Stub: group[0], Err: err}}, nil
 	}
-	// Isolate: fetch one at a time.
-	var all []*doc.Document
-	var fails []Failure
-	for _, s := range group {
-		d, f, err := e.fetchStore(ctx, k, st, []*stub.Stub{s})
-		if err != nil {
-			return nil, nil, err
-		}
-		all = append(all, d...)
-		fails = append(fails, f...)
+	// Isolate by bisection: k bad documents among n cost about
+	// 2·k·log2(n) calls, and every other document is fetched.
+	mid := len(group) / 2
+	a, fa, err := e.fetchStore(ctx, k, st, group[:mid])
+	if err != nil {
+		return nil, nil, err
 	}
-	return all, fails, nil
+	b, fb, err := e.fetchStore(ctx, k, st, group[mid:])
+	if err != nil {
+		return nil, nil, err
+	}
+	return append(a, b...), append(fa, fb...), nil
 }
 
 func (e *engine) notePanic(where string, err error) {
@@ -295,13 +297,19 @@ func (e *engine) notePanic(where string, err error) {
 // by key, and a transient error that stops the round.
 func (e *engine) process(ctx context.Context, pr Processor, docs []*doc.Document) (map[docKey]error, error) {
 	t0 := time.Now()
-	err := safe(func() error { return pr.Process(ctx, docs) })
+	cctx, cancel := context.WithTimeout(ctx, e.p.Timeouts.IO)
+	err := safe(func() error { return pr.Process(cctx, docs) })
+	timedOut := cctx.Err() != nil
+	cancel()
 	e.m.processSeconds.WithLabelValues(e.p.Name, pr.Name()).Observe(time.Since(t0).Seconds())
 	if err == nil {
 		return nil, nil
 	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
+	}
+	if timedOut {
+		return nil, fmt.Errorf("%w: processor %s: no answer within %s: %w", doc.ErrTransient, pr.Name(), e.p.Timeouts.IO, err)
 	}
 	if IsTransient(err) {
 		return nil, fmt.Errorf("processor %s: %w", pr.Name(), err)
@@ -340,14 +348,21 @@ func (e *engine) process(ctx context.Context, pr Processor, docs []*doc.Document
 	if len(docs) == 1 {
 		return map[docKey]error{keyOfDoc(docs[0]): err}, nil
 	}
-	failed := map[docKey]error{}
-	for _, d := range docs {
-		f, err := e.process(ctx, pr, []*doc.Document{d})
-		if err != nil {
-			return nil, err
-		}
-		maps.Copy(failed, f)
+	// Isolate by bisection (processors are idempotent: documents of the
+	// failed call that were written are written again as no-ops).
+	mid := len(docs) / 2
+	failed, err := e.process(ctx, pr, docs[:mid])
+	if err != nil {
+		return nil, err
 	}
+	fb, err := e.process(ctx, pr, docs[mid:])
+	if err != nil {
+		return nil, err
+	}
+	if failed == nil {
+		return fb, nil
+	}
+	maps.Copy(failed, fb)
 	return failed, nil
 }
 
@@ -381,6 +396,7 @@ func (e *engine) round(ctx context.Context, stubs []*stub.Stub, only map[string]
 		}
 	}
 	if len(list) == 0 {
+		e.succeeded()
 		return out, nil
 	}
 	for _, pr := range e.p.Processors {
@@ -401,7 +417,21 @@ func (e *engine) round(ctx context.Context, stubs []*stub.Stub, only map[string]
 		}
 		e.m.processed.WithLabelValues(e.p.Name, pr.Name()).Add(float64(len(list) - len(failed)))
 	}
+	e.succeeded()
 	return out, nil
+}
+
+func (e *engine) succeeded() {
+	e.successes.Add(1)
+	e.lastOK.Store(time.Now().UnixNano())
+}
+
+// lastSuccess is when a round of the pillow last succeeded (zero: never).
+func (e *engine) lastSuccess() time.Time {
+	if n := e.lastOK.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
 }
 
 // handle runs a round on a batch and records its per-document failures. A
@@ -412,12 +442,8 @@ func (e *engine) handle(ctx context.Context, stubs []*stub.Stub) (outcome, error
 		return out, err
 	}
 	if len(out.failures) > 0 {
-		if err := e.errs.record(ctx, e.p.Name, e.p.Retry, out.failures); err != nil {
+		if err := e.record(ctx, out.failures); err != nil {
 			return out, err
-		}
-		e.mayHaveErrors.set()
-		for _, f := range out.failures {
-			e.m.docErrors.WithLabelValues(e.p.Name, f.Processor).Inc()
 		}
 	}
 	if e.mayHaveErrors.get() {
@@ -429,9 +455,35 @@ func (e *engine) handle(ctx context.Context, stubs []*stub.Stub) (outcome, error
 				ok = append(ok, k)
 			}
 		}
-		if err := e.errs.resolve(ctx, e.p.Name, ok); err != nil {
+		rctx, cancel := context.WithTimeout(ctx, e.p.Timeouts.IO)
+		err := e.errs.resolve(rctx, e.p.Name, ok)
+		cancel()
+		if err != nil {
 			return out, err
 		}
 	}
 	return out, nil
+}
+
+// record writes failures to the errors table within Timeouts.IO.
+func (e *engine) record(ctx context.Context, fs []Failure) error {
+	rctx, cancel := context.WithTimeout(ctx, e.p.Timeouts.IO)
+	err := e.errs.record(rctx, e.p.Name, e.p.Retry, fs)
+	cancel()
+	if err != nil {
+		return err
+	}
+	e.mayHaveErrors.set()
+	for _, f := range fs {
+		e.m.docErrors.WithLabelValues(e.p.Name, f.Processor).Inc()
+	}
+	return nil
+}
+
+// recordStuck records a document whose rounds keep failing transiently
+// while its pillow's other rounds succeed: a failure of the fetch
+// (processor ""), so that the retry loop runs every processor again.
+func (e *engine) recordStuck(ctx context.Context, s *stub.Stub, err error) error {
+	e.m.stuck.WithLabelValues(e.p.Name).Inc()
+	return e.record(ctx, []Failure{{Stub: s, Err: fmt.Errorf("keeps failing as if its store or a sink were down while they work for other documents: %w", err)}})
 }

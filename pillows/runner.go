@@ -262,10 +262,10 @@ func (pr *pillowRun) run(ctx context.Context) error {
 	pr.ready.Store(false)
 	stopRetry()
 
-	// Finish the batches in hand, then commit what they marked.
-	timer := time.AfterFunc(pr.r.o.ShutdownTimeout, abort)
-	pr.stopWorkers(nil, false)
-	timer.Stop()
+	// Finish the batches in hand, then commit what they marked. Past the
+	// shutdown timeout the rest is abandoned, not committed.
+	pr.stopWorkers(nil, false, pr.r.o.ShutdownTimeout)
+	abort()
 	cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
 	if err := cl.CommitMarkedOffsets(cctx); err != nil {
 		pr.r.o.Metrics.commitErrors.WithLabelValues(pr.p.Name).Inc()
@@ -273,7 +273,12 @@ func (pr *pillowRun) run(ctx context.Context) error {
 	}
 	ccancel()
 	cl.Close()
-	<-retryDone
+	select {
+	case <-retryDone:
+	case <-time.After(pr.r.o.ShutdownTimeout):
+		// Its context is canceled; only a processor ignoring that holds it.
+		pr.log.Warn("retry loop did not stop in time; leaving it")
+	}
 	pr.log.Info("pillow stopped")
 	return fatal
 }
@@ -352,9 +357,12 @@ func (pr *pillowRun) assigned(_ context.Context, cl *kgo.Client, assigned map[st
 }
 
 // revoked: finish the batches in hand of the revoked partitions, then
-// commit what they marked while still owning them.
+// commit what they marked while still owning them. A batch not finished
+// within Timeouts.Revoke (a sink that hangs) is abandoned: its worker is
+// disowned and canceled before the commit, so nothing is committed for it
+// and the next owner processes it again; the rebalance is not held up.
 func (pr *pillowRun) revoked(ctx context.Context, cl *kgo.Client, revoked map[string][]int32) {
-	pr.stopWorkers(revoked, false)
+	pr.stopWorkers(revoked, false, pr.p.Timeouts.Revoke)
 	if err := cl.CommitMarkedOffsets(ctx); err != nil {
 		pr.r.o.Metrics.commitErrors.WithLabelValues(pr.p.Name).Inc()
 		pr.log.Error("commit on revoke failed; the new owner will process the last batches again", "err", err)
@@ -365,15 +373,18 @@ func (pr *pillowRun) revoked(ctx context.Context, cl *kgo.Client, revoked map[st
 // lost: the partitions may already belong to another member. Stop at once
 // and commit nothing for them; marks made after this point are refused.
 func (pr *pillowRun) lost(_ context.Context, _ *kgo.Client, lost map[string][]int32) {
-	pr.stopWorkers(lost, true)
+	pr.stopWorkers(lost, true, pr.p.Timeouts.Revoke)
 	pr.log.Warn("partitions lost; nothing committed for them", "lost", lost)
 }
 
 // stopWorkers stops the workers of parts (all when nil) and waits for
-// them. With lost, ownership is dropped first and work in hand aborted.
-// Workers stay in the map until they are done, so a revoke that runs
+// them, at most within. With lost, ownership is dropped first and work in
+// hand aborted. A worker not done within is abandoned (see
+// worker.abandon): it can mark nothing any more, and it leaves the map so
+// that a later assignment of its partition starts a new one. Workers stay
+// in the map until they are done or abandoned, so a revoke that runs
 // concurrently with a shutdown still waits for them before it commits.
-func (pr *pillowRun) stopWorkers(parts map[string][]int32, lost bool) {
+func (pr *pillowRun) stopWorkers(parts map[string][]int32, lost bool, within time.Duration) {
 	pr.mu.Lock()
 	var ws []*worker
 	if parts == nil {
@@ -397,8 +408,27 @@ func (pr *pillowRun) stopWorkers(parts map[string][]int32, lost bool) {
 		}
 		w.stop()
 	}
+	deadline := time.NewTimer(within)
+	defer deadline.Stop()
+	expired := false
 	for _, w := range ws {
-		<-w.done
+		if !expired {
+			select {
+			case <-w.done:
+			case <-deadline.C:
+				expired = true
+			}
+		}
+		if expired {
+			select {
+			case <-w.done:
+			default:
+				w.abandon()
+				pr.r.o.Metrics.abandoned.WithLabelValues(pr.p.Name).Inc()
+				pr.log.Warn("batch in hand not finished in time: abandoned, nothing committed for it; the partition's next owner processes it again",
+					"topic", w.topic, "partition", w.part, "within", within)
+			}
+		}
 		w.disown()
 		pr.mu.Lock()
 		k := tp{w.topic, w.part}

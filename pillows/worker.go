@@ -36,6 +36,7 @@ type worker struct {
 	backpressured bool
 	transient     bool
 	paused        bool
+	abandoned     bool // the pause state is no longer this worker's
 
 	ownMu sync.Mutex
 	owned bool
@@ -103,6 +104,9 @@ func (w *worker) setTransient(on bool) {
 
 // updatePause pauses or resumes fetching of the partition. Called with mu.
 func (w *worker) updatePause() {
+	if w.abandoned {
+		return
+	}
 	want := w.backpressured || w.transient
 	if want == w.paused {
 		return
@@ -125,6 +129,21 @@ func (w *worker) disown() {
 	w.ownMu.Lock()
 	w.owned = false
 	w.ownMu.Unlock()
+}
+
+// abandon gives up the batch in hand without waiting for it: no mark is
+// accepted from now on, its I/O is canceled (a sink that ignores the
+// cancellation finishes in the background, and its late write is refused
+// by the version check of a sink that has newer), and the partition's
+// fetching is resumed now, as the worker may never get to it.
+func (w *worker) abandon() {
+	w.disown()
+	w.cancel()
+	w.mu.Lock()
+	w.backpressured, w.transient = false, false
+	w.updatePause()
+	w.abandoned = true
+	w.mu.Unlock()
 }
 
 func (w *worker) mark(r *kgo.Record) bool {
@@ -240,46 +259,9 @@ func (w *worker) process(recs []*kgo.Record) bool {
 	}
 
 	if len(stubs) > 0 {
-		backoff := pr.r.o.TransientMin
-		for attempt := 1; ; attempt++ {
-			out, err := pr.eng.handle(w.ctx, stubs)
-			if err == nil {
-				for _, s := range stubs {
-					k := keyOf(s)
-					if out.failed[k] {
-						continue
-					}
-					if rev, ok := out.revs[k]; ok && rev != s.DocumentRev {
-						// Remember the revision written, the winner
-						// fetched, not the stub's: once a conflict
-						// branch is deleted, the stub's revision can
-						// win again, and its next stub must not be
-						// skipped while the sink holds the branch.
-						c := *s
-						c.DocumentRev = rev
-						s = &c
-					}
-					w.dd.record(s)
-				}
-				break
-			}
-			if w.ctx.Err() != nil {
-				return false
-			}
-			m.transient.WithLabelValues(p.Name).Inc()
-			w.log.Warn("transient failure: partition paused, batch will be retried", "attempt", attempt, "backoff", backoff, "err", err)
-			w.setTransient(true)
-			t := time.NewTimer(backoff)
-			select {
-			case <-t.C:
-			case <-w.quit:
-				t.Stop()
-				return false
-			case <-w.ctx.Done():
-				t.Stop()
-				return false
-			}
-			backoff = min(2*backoff, pr.r.o.TransientMax)
+		h := &handling{backoff: pr.r.o.TransientMin}
+		if !w.handle(stubs, h) {
+			return false
 		}
 		w.setTransient(false)
 	}
@@ -297,4 +279,99 @@ func (w *worker) process(recs []*kgo.Record) bool {
 		m.lagSeconds.WithLabelValues(lbl...).Set(time.Since(lastPublished).Seconds())
 	}
 	return true
+}
+
+// splitAfter is how many transient failures in a row make a batch of
+// several documents split in halves: a document that makes a store or sink
+// fail as a whole (a response too large, a decoder limit, a hang) is then
+// isolated in about log2(batch) steps while the others go on.
+const splitAfter = 2
+
+// handling is the state of one batch's transient failures, shared by its
+// halves.
+type handling struct {
+	backoff time.Duration
+	// first is when the batch first failed, and successes the pillow's
+	// count of successful rounds then: a document that keeps failing
+	// while others succeed is at fault itself, not the store or sink.
+	first     time.Time
+	successes uint64
+}
+
+// handle processes stubs until each document is handled: written, or its
+// failure recorded in the errors table. A transient failure pauses the
+// partition and retries with backoff. After splitAfter failures a group of
+// several documents is split in halves, each handled on its own; a single
+// document that keeps failing is recorded as failed (its error retried by
+// the retry loop, dead-lettered in the end) once other rounds of the pillow
+// succeeded since the batch first failed, or once it has failed for
+// Timeouts.Stall, so that no document holds its partition forever. It
+// returns false when the batch must be abandoned.
+func (w *worker) handle(stubs []*stub.Stub, h *handling) bool {
+	pr := w.pr
+	p := pr.p
+	m := pr.r.o.Metrics
+	for attempt := 1; ; attempt++ {
+		out, err := pr.eng.handle(w.ctx, stubs)
+		if err == nil {
+			h.backoff = pr.r.o.TransientMin
+			for _, s := range stubs {
+				k := keyOf(s)
+				if out.failed[k] {
+					continue
+				}
+				if rev, ok := out.revs[k]; ok && rev != s.DocumentRev {
+					// Remember the revision written, the winner fetched,
+					// not the stub's: once a conflict branch is deleted,
+					// the stub's revision can win again, and its next
+					// stub must not be skipped while the sink holds the
+					// branch.
+					c := *s
+					c.DocumentRev = rev
+					s = &c
+				}
+				w.dd.record(s)
+			}
+			return true
+		}
+		if w.ctx.Err() != nil {
+			return false
+		}
+		if h.first.IsZero() {
+			h.first, h.successes = time.Now(), pr.eng.successes.Load()
+		}
+		m.transient.WithLabelValues(p.Name).Inc()
+		if attempt >= splitAfter {
+			if len(stubs) > 1 {
+				mid := len(stubs) / 2
+				w.log.Warn("batch keeps failing: splitting it to find a document at fault", "documents", len(stubs), "attempts", attempt, "err", err)
+				return w.handle(stubs[:mid], h) && w.handle(stubs[mid:], h)
+			}
+			othersOK := pr.eng.successes.Load() != h.successes
+			if othersOK || time.Since(h.first) >= p.Timeouts.Stall {
+				s := stubs[0]
+				rerr := pr.eng.recordStuck(w.ctx, s, err)
+				if rerr == nil {
+					w.log.Error("document keeps failing while its store and sinks work for others: recorded as failed, partition goes on",
+						"data_source_type", s.DataSourceType, "data_source_name", s.DataSourceName, "document_id", s.DocumentID,
+						"attempts", attempt, "others_succeeded", othersOK, "err", err)
+					return true
+				}
+				err = rerr
+			}
+		}
+		w.log.Warn("transient failure: partition paused, batch will be retried", "documents", len(stubs), "attempt", attempt, "backoff", h.backoff, "err", err)
+		w.setTransient(true)
+		t := time.NewTimer(h.backoff)
+		select {
+		case <-t.C:
+		case <-w.quit:
+			t.Stop()
+			return false
+		case <-w.ctx.Done():
+			t.Stop()
+			return false
+		}
+		h.backoff = min(2*h.backoff, pr.r.o.TransientMax)
+	}
 }

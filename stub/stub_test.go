@@ -147,22 +147,6 @@ func TestUnmarshalMatchesEncodingJSON(t *testing.T) {
 	}
 }
 
-func FuzzUnmarshal(f *testing.F) {
-	for _, tt := range unmarshalCases {
-		f.Add([]byte(tt.in))
-	}
-	for _, s := range fullStubs() {
-		b, err := s.Marshal()
-		if err != nil {
-			f.Fatal(err)
-		}
-		f.Add(b)
-	}
-	f.Fuzz(func(t *testing.T, b []byte) {
-		checkSameAsReference(t, b)
-	})
-}
-
 func BenchmarkUnmarshal(b *testing.B) {
 	v, err := fullStubs()[0].Marshal()
 	if err != nil {

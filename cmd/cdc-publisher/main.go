@@ -14,10 +14,13 @@
 //
 // Exit status: 0 after SIGTERM/SIGINT (flushed and confirmed), 1 on a runtime
 // failure (Kafka refused a stub for good, an unexpected error), 2 on invalid
-// configuration, failed authentication (PostgreSQL, or Kafka SASL/TLS for
-// longer than --kafka-fail-after), a missing Kafka ACL, an unsafe topic or a
-// failed start-up check, 3 on a possible gap between checkpoint and slot, 4 when the
-// slot stayed busy past --slot-wait-timeout.
+// configuration (including an --allow-new-slot no gap needs), failed
+// authentication (PostgreSQL, or Kafka SASL/TLS for longer than
+// --kafka-fail-after), a missing Kafka ACL, an unsafe topic, a failed start-up check or a routed table that stopped
+// matching the routing while running, 3 on a possible gap (slot missing,
+// ahead of the checkpoint or lost; checkpoint of another cluster or ahead of
+// the server's WAL), 4 when the slot stayed busy past --slot-wait-timeout.
+// See the table in README.md.
 package main
 
 import (
@@ -54,7 +57,7 @@ type settings struct {
 	slot, publication string
 	routingFile       string
 	httpAddr          string
-	allowNewSlot      bool
+	allowNewSlot      cdc.GapAcceptance
 	noMigrate         bool
 	statusInterval    time.Duration
 	heartbeat         time.Duration
@@ -203,6 +206,7 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	postgresURL := cmdutil.BindPostgresURL(ef, cdc.URLHasPassword)
 	str(&s.logLevel, "log-level", "CHANGEFEED_LOG_LEVEL", "info", "debug, info, warn or error")
 	var kafka *cmdutil.KafkaFlags
+	var allowNewSlot string
 	if cmd == "run" {
 		kafka = cmdutil.BindKafka(ef, &s.kafka)
 		kafka.BindEmbedded(&s.embeddedKafka)
@@ -212,7 +216,7 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 		str(&s.publication, "publication", "CHANGEFEED_PUBLICATION", "changefeed", "publication name")
 		str(&s.routingFile, "routing-file", "CHANGEFEED_ROUTING_FILE", "", "routing YAML (tables → stubs)")
 		str(&s.httpAddr, "http-addr", "CHANGEFEED_HTTP_ADDR", ":8080", "address of /metrics, /healthz, /readyz (off: none)")
-		boolean(&s.allowNewSlot, "allow-new-slot", "CHANGEFEED_ALLOW_NEW_SLOT", false, "accept a possible gap: create a fresh slot although a checkpoint exists, or take a slot ahead of the checkpoint")
+		str(&allowNewSlot, "allow-new-slot", "CHANGEFEED_ALLOW_NEW_SLOT", "", "accept one possible gap, as <slot>@<checkpoint LSN> printed by the refusal to start (fresh slot, slot ahead of the checkpoint, checkpoint of another cluster); refused on a start that has no such gap")
 		boolean(&s.noMigrate, "no-migrate", "CHANGEFEED_NO_MIGRATE", false, "do not apply migrations at start")
 		duration(&s.statusInterval, "status-interval", "CHANGEFEED_STATUS_INTERVAL", time.Second, "how often acknowledged progress is checkpointed and confirmed")
 		duration(&s.heartbeat, "heartbeat-interval", "CHANGEFEED_HEARTBEAT_INTERVAL", 0, "emit a heartbeat message on this interval (0: off)")
@@ -240,6 +244,9 @@ func parseFlags(cmd string, args []string, getenv func(string) string, stderr io
 	}
 	if cmd == "run" {
 		if err := kafka.Finish(); err != nil {
+			return s, err
+		}
+		if s.allowNewSlot, err = cdc.ParseGapAcceptance(allowNewSlot); err != nil {
 			return s, err
 		}
 		if s.maxInFlight <= 0 {

@@ -28,7 +28,7 @@ func TestParseFlagsFromEnv(t *testing.T) {
 		"CHANGEFEED_SLOT":                 "s1",
 		"CHANGEFEED_PUBLICATION":          "p1",
 		"CHANGEFEED_STATUS_INTERVAL":      "250ms",
-		"CHANGEFEED_ALLOW_NEW_SLOT":       "true",
+		"CHANGEFEED_ALLOW_NEW_SLOT":       "s1@0/16B3748",
 		"CHANGEFEED_MAX_IN_FLIGHT":        "77",
 	}), io.Discard)
 	if err != nil {
@@ -36,7 +36,7 @@ func TestParseFlagsFromEnv(t *testing.T) {
 	}
 	if s.postgresURL != "postgres://u:pw@h/db" || strings.Join(s.kafka.Brokers, ",") != "a:9092,b:9092" ||
 		s.kafka.SASLMechanism != "SCRAM-SHA-512" || s.kafka.SASLPassword != "kpw" || !s.kafka.TLS ||
-		s.slot != "s1" || s.publication != "p1" || s.statusInterval != 250*time.Millisecond || !s.allowNewSlot || s.maxInFlight != 77 {
+		s.slot != "s1" || s.publication != "p1" || s.statusInterval != 250*time.Millisecond || s.allowNewSlot.String() != "s1@0/16B3748" || s.maxInFlight != 77 {
 		t.Fatalf("settings = %+v", s)
 	}
 	// Flags override the environment.
@@ -68,7 +68,10 @@ func TestParseFlagsErrors(t *testing.T) {
 		{"keyword password on argv", []string{"--postgres-url", "host=h password=secret"}, url, "carries a password"},
 		{"no url", nil, map[string]string{"CHANGEFEED_KAFKA_BROKERS": "a:1"}, "no PostgreSQL URL"},
 		{"no brokers", nil, map[string]string{"CHANGEFEED_POSTGRES_URL": "postgres://u@h/db"}, "no Kafka brokers"},
-		{"bad bool", nil, with("CHANGEFEED_ALLOW_NEW_SLOT", "maybe"), "CHANGEFEED_ALLOW_NEW_SLOT"},
+		{"bad bool", nil, with("CHANGEFEED_PRINT_STUBS", "maybe"), "CHANGEFEED_PRINT_STUBS"},
+		// A standing "accept every gap" is refused: it must name its gap.
+		{"allow-new-slot without its gap", nil, with("CHANGEFEED_ALLOW_NEW_SLOT", "true"), "<slot>@<checkpoint LSN>"},
+		{"allow-new-slot bad LSN", []string{"--allow-new-slot", "changefeed@xyz"}, url, "parse lsn"},
 		{"bad duration", nil, with("CHANGEFEED_STATUS_INTERVAL", "soon"), "CHANGEFEED_STATUS_INTERVAL"},
 		{"bad slot", nil, with("CHANGEFEED_SLOT", "a-b"), "--slot"},
 		{"bad publication", []string{"--publication", "A"}, url, "--publication"},

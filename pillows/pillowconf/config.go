@@ -41,10 +41,13 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/changefeed/changefeed/internal/yamlline"
 )
 
 // ErrConfig marks an invalid file.
@@ -180,7 +183,7 @@ var envRE = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
 func Parse(data []byte, getenv func(string) string) (*File, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+		return nil, fmt.Errorf("%w: %w", ErrConfig, yamlline.Parse(data, err))
 	}
 	// Expand ${VAR} in scalar values only (not in comments or keys).
 	var missing []string
@@ -214,11 +217,16 @@ func Parse(data []byte, getenv func(string) string) (*File, error) {
 	dec := yaml.NewDecoder(&buf)
 	dec.KnownFields(true)
 	var f File
+	reencoded := slices.Clone(buf.Bytes())
 	if err := dec.Decode(&f); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+		// The decoder read the re-encoded text: name the lines of the file.
+		var re yaml.Node
+		_ = yaml.Unmarshal(reencoded, &re)
+		return nil, fmt.Errorf("%w: %w", ErrConfig, yamlline.Remap(yamlline.Parse(reencoded, err), &root, &re))
 	}
-	if err := f.Validate(); err != nil {
-		return nil, err
+	if path, err := f.validate(); err != nil {
+		line := yamlline.Of(&root, yamlline.Split(path)...)
+		return nil, fmt.Errorf("%w: line %d: %s", ErrConfig, line, strings.TrimPrefix(err.Error(), ErrConfig.Error()+": "))
 	}
 	return &f, nil
 }
@@ -230,28 +238,36 @@ func perr(pillow, field, format string, args ...any) error {
 // Validate checks what can be checked without connecting anywhere. Errors
 // name the pillow (or store) and the field.
 func (f *File) Validate() error {
+	_, err := f.validate()
+	return err
+}
+
+// validate is Validate that also returns the path of the value an error is
+// about ("pillows[1].batch.max_wait"), for its line.
+func (f *File) validate() (path string, err error) {
+	pillowAt := func(i int, field string) string { return fmt.Sprintf("pillows[%d].%s", i, field) }
 	seenSource := map[string]string{}
 	for i, s := range f.Stores.Postgres {
 		at := fmt.Sprintf("stores.postgres[%d]", i)
 		if s.URL == "" {
-			return fmt.Errorf("%w: %s.url: required", ErrConfig, at)
+			return at + ".url", fmt.Errorf("%w: %s.url: required", ErrConfig, at)
 		}
 		if len(s.Tables) == 0 {
-			return fmt.Errorf("%w: %s.tables: at least one table", ErrConfig, at)
+			return at + ".tables", fmt.Errorf("%w: %s.tables: at least one table", ErrConfig, at)
 		}
 		for j, t := range s.Tables {
 			tat := fmt.Sprintf("%s.tables[%d]", at, j)
 			switch {
 			case t.Source == "":
-				return fmt.Errorf("%w: %s.source: required (the stubs' data_source_name)", ErrConfig, tat)
+				return tat + ".source", fmt.Errorf("%w: %s.source: required (the stubs' data_source_name)", ErrConfig, tat)
 			case t.Table == "":
-				return fmt.Errorf("%w: %s.table: required", ErrConfig, tat)
+				return tat + ".table", fmt.Errorf("%w: %s.table: required", ErrConfig, tat)
 			case t.IDColumn == "":
-				return fmt.Errorf("%w: %s.id_column: required", ErrConfig, tat)
+				return tat + ".id_column", fmt.Errorf("%w: %s.id_column: required", ErrConfig, tat)
 			}
 			k := "sql/" + t.Source
 			if prev, ok := seenSource[k]; ok {
-				return fmt.Errorf("%w: %s.source: data_source_name %q already served by %s", ErrConfig, tat, t.Source, prev)
+				return tat + ".source", fmt.Errorf("%w: %s.source: data_source_name %q already served by %s", ErrConfig, tat, t.Source, prev)
 			}
 			seenSource[k] = tat
 		}
@@ -259,7 +275,7 @@ func (f *File) Validate() error {
 	for i, s := range f.Stores.Couch {
 		at := fmt.Sprintf("stores.couch[%d]", i)
 		if s.URL == "" {
-			return fmt.Errorf("%w: %s.url: required", ErrConfig, at)
+			return at + ".url", fmt.Errorf("%w: %s.url: required", ErrConfig, at)
 		}
 		dbs := s.Databases
 		if len(dbs) == 0 {
@@ -268,41 +284,41 @@ func (f *File) Validate() error {
 		for _, db := range dbs {
 			k := "couch/" + db
 			if prev, ok := seenSource[k]; ok {
-				return fmt.Errorf("%w: %s.databases: database %q already served by %s", ErrConfig, at, db, prev)
+				return at + ".databases", fmt.Errorf("%w: %s.databases: database %q already served by %s", ErrConfig, at, db, prev)
 			}
 			seenSource[k] = at
 		}
 	}
 	if len(f.Pillows) == 0 {
-		return fmt.Errorf("%w: pillows: at least one pillow", ErrConfig)
+		return "pillows", fmt.Errorf("%w: pillows: at least one pillow", ErrConfig)
 	}
 	names := map[string]bool{}
 	for i, p := range f.Pillows {
 		name := p.Name
 		if name == "" {
-			return perr(fmt.Sprintf("#%d", i), "name", "required")
+			return pillowAt(i, "name"), perr(fmt.Sprintf("#%d", i), "name", "required")
 		}
 		if names[name] {
-			return perr(name, "name", "defined twice")
+			return pillowAt(i, "name"), perr(name, "name", "defined twice")
 		}
 		names[name] = true
 		if len(p.Topics) == 0 {
-			return perr(name, "topics", "at least one topic")
+			return pillowAt(i, "topics"), perr(name, "topics", "at least one topic")
 		}
 		if p.Batch.MaxStubs < 0 {
-			return perr(name, "batch.max_stubs", "must be positive")
+			return pillowAt(i, "batch.max_stubs"), perr(name, "batch.max_stubs", "must be positive")
 		}
 		if p.Batch.MaxWait < 0 {
-			return perr(name, "batch.max_wait", "must be positive")
+			return pillowAt(i, "batch.max_wait"), perr(name, "batch.max_wait", "must be positive")
 		}
 		if p.Retry.MaxAttempts < 0 {
-			return perr(name, "retry.max_attempts", "must be positive")
+			return pillowAt(i, "retry.max_attempts"), perr(name, "retry.max_attempts", "must be positive")
 		}
 		if p.Retry.Backoff < 0 {
-			return perr(name, "retry.backoff", "must be positive")
+			return pillowAt(i, "retry.backoff"), perr(name, "retry.backoff", "must be positive")
 		}
 		if len(p.Processors) == 0 {
-			return perr(name, "processors", "at least one processor")
+			return pillowAt(i, "processors"), perr(name, "processors", "at least one processor")
 		}
 		for j, pr := range p.Processors {
 			at := fmt.Sprintf("processors[%d]", j)
@@ -310,38 +326,39 @@ func (f *File) Validate() error {
 			if pr.Postgres != nil {
 				kinds++
 				if pr.Postgres.Table == "" {
-					return perr(name, at+".postgres.table", "required")
+					return pillowAt(i, at+".postgres.table"), perr(name, at+".postgres.table", "required")
 				}
 				if len(pr.Postgres.Columns) == 0 {
-					return perr(name, at+".postgres.columns", "at least one column")
+					return pillowAt(i, at+".postgres.columns"), perr(name, at+".postgres.columns", "at least one column")
 				}
 				for k, c := range pr.Postgres.Columns {
 					if c.Name == "" {
-						return perr(name, fmt.Sprintf("%s.postgres.columns[%d].name", at, k), "required")
+						field := fmt.Sprintf("%s.postgres.columns[%d].name", at, k)
+						return pillowAt(i, field), perr(name, field, "required")
 					}
 				}
 			}
 			if pr.Elasticsearch != nil {
 				kinds++
 				if len(pr.Elasticsearch.URLs) == 0 {
-					return perr(name, at+".elasticsearch.urls", "at least one URL")
+					return pillowAt(i, at+".elasticsearch.urls"), perr(name, at+".elasticsearch.urls", "at least one URL")
 				}
 				if pr.Elasticsearch.Index == "" {
-					return perr(name, at+".elasticsearch.index", "required")
+					return pillowAt(i, at+".elasticsearch.index"), perr(name, at+".elasticsearch.index", "required")
 				}
 			}
 			if pr.Custom != "" {
 				kinds++
 			}
 			if kinds != 1 {
-				return perr(name, at, "exactly one of postgres, elasticsearch or custom")
+				return pillowAt(i, at), perr(name, at, "exactly one of postgres, elasticsearch or custom")
 			}
 			if pr.Options.Kind != 0 && pr.Custom == "" {
-				return perr(name, at+".options", "only custom processors take options")
+				return pillowAt(i, at+".options"), perr(name, at+".options", "only custom processors take options")
 			}
 		}
 	}
-	return nil
+	return "", nil
 }
 
 // Names returns the pillow names in file order.

@@ -48,6 +48,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/changefeed/changefeed/doc"
+	"github.com/changefeed/changefeed/internal/pgclass"
 	"github.com/changefeed/changefeed/internal/pgident"
 	"github.com/changefeed/changefeed/sink"
 )
@@ -386,9 +387,9 @@ func arrayLiteral(elems []string) string {
 
 // Write upserts docs in one statement. It returns nil (every document written
 // or refused as not newer), an error wrapping doc.ErrTransient (nothing is
-// known to be written; retry the batch), or doc.Errors (the listed documents
-// hold values their columns cannot take; all others were written or
-// refused).
+// known to be written; retry the batch), or doc.Errors (PostgreSQL rejected
+// the listed documents themselves: a value a column cannot take, an id too
+// long for the primary key; all others were written or refused).
 func (s *Sink) Write(ctx context.Context, docs []*doc.Document) error {
 	if len(docs) == 0 {
 		return nil
@@ -413,22 +414,8 @@ func (s *Sink) Write(ctx context.Context, docs []*doc.Document) error {
 	// wait for each other instead of deadlocking.
 	slices.SortFunc(rows, func(a, b row) int { return strings.Compare(a.id, b.id) })
 
-	written, err := s.exec(ctx, rows)
-	if rowError(err) {
-		// Some value PostgreSQL rejected (or a constraint added to the
-		// table): find which by writing one document at a time.
-		written = 0
-		for _, r := range rows {
-			n, err := s.exec(ctx, []row{r})
-			switch {
-			case rowError(err):
-				errs[r.id] = fmt.Errorf("pgsink: %s: %w", s.cfg.Table, err)
-			case err != nil:
-				return s.transient("write", err)
-			}
-			written += n
-		}
-	} else if err != nil {
+	written, err := s.write(ctx, rows, errs)
+	if err != nil {
 		return s.transient("write", err)
 	}
 	s.log.Debug("pgsink: batch written", "table", s.cfg.Table, "documents", len(rows),
@@ -475,18 +462,38 @@ func (s *Sink) exec(ctx context.Context, rows []row) (int64, error) {
 	return tag.RowsAffected(), nil
 }
 
-// rowError reports whether PostgreSQL rejected a value or a row (SQLSTATE
-// class 22 data exception, class 23 integrity constraint violation): the
-// fault of some document, not of the server.
-func rowError(err error) bool {
-	var pe *pgconn.PgError
-	return errors.As(err, &pe) && len(pe.Code) == 5 && (pe.Code[:2] == "22" || pe.Code[:2] == "23")
+// write upserts rows. When PostgreSQL rejects the statement because of its
+// input (see package pgclass: a value a column cannot take, a constraint, an
+// id too long for the primary key's index — SQLSTATE 22, 23, 54, …), it
+// splits the rows in halves and writes each, down to the single rows at
+// fault, which go to errs: k bad rows among n cost about 2·k·log2(n)
+// statements, and every other row is written. Each statement commits on
+// its own; rewriting a row already written is a no-op. A failure of the
+// server is returned as is.
+func (s *Sink) write(ctx context.Context, rows []row, errs doc.Errors) (int64, error) {
+	n, err := s.exec(ctx, rows)
+	switch {
+	case err == nil:
+		return n, nil
+	case !pgclass.Input(err) || ctx.Err() != nil:
+		return 0, err
+	case len(rows) == 1:
+		errs[rows[0].id] = fmt.Errorf("pgsink: %s: %w", s.cfg.Table, err)
+		return 0, nil
+	}
+	mid := len(rows) / 2
+	a, err := s.write(ctx, rows[:mid], errs)
+	if err != nil {
+		return 0, err
+	}
+	b, err := s.write(ctx, rows[mid:], errs)
+	return a + b, err
 }
 
-// transient wraps every failure that is no document's fault: connection
-// lost or refused, timeouts, the server shutting down or out of resources,
-// and also a table that is missing or of another shape — the batch waits for
-// it to be fixed rather than filling the error table.
+// transient wraps every failure that is no document's fault (package
+// pgclass): connection lost or refused, timeouts, the server shutting down
+// or out of resources, and also a table that is missing or not writable —
+// the batch waits for it to be fixed rather than filling the error table.
 func (s *Sink) transient(op string, err error) error {
 	return fmt.Errorf("%w: pgsink: %s: %s: %w", doc.ErrTransient, s.cfg.Table, op, err)
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -285,6 +286,52 @@ func TestPostgres(t *testing.T) {
 		mustWrite(t, s, docs...)
 		if n := statements.Load(); n != 1 {
 			t.Fatalf("Write of 500 documents ran %d statements, want 1", n)
+		}
+	})
+
+	t.Run("PoisonIDIsolatedByBisection", func(t *testing.T) {
+		// A 4,000-byte id cannot enter doc_id's btree (54000 index row size
+		// exceeds btree maximum): that document fails, not the batch, and
+		// finding it costs O(log n) statements, not n.
+		var statements atomic.Int64
+		cfg, err := pgxpool.ParseConfig(pg.URL())
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.ConnConfig.Tracer = countingTracer{&statements}
+		traced, err := pgxpool.NewWithConfig(ctx, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(traced.Close)
+		s := bootstrap(t, traced, Config{Table: "poison_id", Columns: conformanceColumns})
+		// Random-looking text does not compress below the btree limit.
+		rnd := rand.New(rand.NewPCG(1, 2))
+		var b strings.Builder
+		for range 4000 {
+			b.WriteByte(byte('a' + rnd.IntN(26)))
+		}
+		long := b.String()
+		docs := make([]*doc.Document, 500)
+		for i := range docs {
+			docs[i] = sinktest.SQL(fmt.Sprintf("d%03d", i), 10, 0, false)
+		}
+		docs[321] = sinktest.SQL(long, 10, 0, false)
+		statements.Store(0)
+		err = s.Write(ctx, docs)
+		var de doc.Errors
+		if !errors.As(err, &de) || len(de) != 1 || de[long] == nil || errors.Is(err, doc.ErrTransient) {
+			t.Fatalf("Write = %v, want doc.Errors naming only the long id", err)
+		}
+		if !strings.Contains(de[long].Error(), "54000") {
+			t.Errorf("error %v does not name SQLSTATE 54000", de[long])
+		}
+		if n := statements.Load(); n > 20 {
+			t.Errorf("isolating one document of 500 took %d statements, want at most 2·log2(500)+1", n)
+		}
+		var n int
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM poison_id`).Scan(&n); err != nil || n != 499 {
+			t.Fatalf("healthy documents written: %d, %v; want 499", n, err)
 		}
 	})
 

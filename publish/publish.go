@@ -166,7 +166,7 @@ type Producer struct {
 
 	// diverting counts oversized records being recorded; Flush waits for
 	// them.
-	diverting sync.WaitGroup
+	diverting pending
 
 	stopCheck context.CancelFunc
 	checkDone chan struct{}
@@ -270,7 +270,7 @@ func (p *Producer) Publish(ctx context.Context, topic string, s *stub.Stub, done
 func (p *Producer) PublishRecord(ctx context.Context, r *kgo.Record, done func(error)) {
 	p.cl.Produce(ctx, r, func(r *kgo.Record, err error) {
 		if err != nil && p.oversized(r, err) {
-			p.diverting.Add(1)
+			p.diverting.add()
 			// Producing from inside a promise can block on a full
 			// buffer that only this goroutine would drain.
 			go p.divert(ctx, r, err, done)
@@ -290,10 +290,8 @@ func (p *Producer) Flush(ctx context.Context) error {
 	if err := p.cl.Flush(ctx); err != nil {
 		return fmt.Errorf("flush producer: %w", err)
 	}
-	waited := make(chan struct{})
-	go func() { p.diverting.Wait(); close(waited) }()
 	select {
-	case <-waited:
+	case <-p.diverting.idle():
 	case <-ctx.Done():
 		return fmt.Errorf("flush producer: %w", ctx.Err())
 	}
@@ -328,4 +326,42 @@ func (p *Producer) Close() {
 	p.stopCheck()
 	<-p.checkDone
 	p.cl.Close()
+}
+
+// pending counts work in progress and says when there is none. Unlike a
+// sync.WaitGroup, work may start while someone waits.
+type pending struct {
+	mu     sync.Mutex
+	n      int
+	isIdle chan struct{} // closed while n == 0
+}
+
+func (w *pending) add() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n == 0 {
+		w.isIdle = make(chan struct{})
+	}
+	w.n++
+}
+
+func (w *pending) done() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.n--
+	if w.n == 0 {
+		close(w.isIdle)
+	}
+}
+
+// idle returns a channel closed once no work is in progress.
+func (w *pending) idle() <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n == 0 {
+		c := make(chan struct{})
+		close(c)
+		return c
+	}
+	return w.isIdle
 }

@@ -178,9 +178,14 @@ func (p *Producer) checkTopics(ctx context.Context, topics []string, found map[s
 		if n, err := strconv.Atoi(values["max.message.bytes"]); err == nil && n > 0 {
 			p.limits.Store(t, int32(min(n, 1<<30)))
 		}
-		minISR, err := strconv.Atoi(values["min.insync.replicas"])
-		if err != nil {
-			return fmt.Errorf("topic %s: min.insync.replicas %q: %w", t, values["min.insync.replicas"], err)
+		raw, reported := values["min.insync.replicas"]
+		if !reported {
+			p.log.Warn("the broker reports no min.insync.replicas for the topic: durability not verified", "topic", t)
+			continue
+		}
+		minISR, perr := strconv.Atoi(raw)
+		if perr != nil {
+			return fmt.Errorf("topic %s: min.insync.replicas %q: %w", t, raw, perr)
 		}
 		rf := found[t].replicas
 		if rf < minISR {

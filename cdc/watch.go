@@ -154,12 +154,3 @@ func (l *logLimiter) allow(now time.Time) (bool, int) {
 	l.last, l.suppressed = now, 0
 	return true, n
 }
-
-// flush returns and resets the count of suppressed lines.
-func (l *logLimiter) flush() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	n := l.suppressed
-	l.suppressed = 0
-	return n
-}

@@ -99,6 +99,7 @@ func TestExitCode(t *testing.T) {
 		{fmt.Errorf("x: %w", cdc.ErrConfig), 2},
 		{fmt.Errorf("x: %w", cdc.ErrPrecondition), 2},
 		{fmt.Errorf("x: %w", &pgconn.PgError{Code: "28P01"}), 2},
+		{fmt.Errorf("x: %w", cdc.ErrSchema), 2},
 		{fmt.Errorf("x: %w", cdc.ErrPossibleGap), 3},
 		{fmt.Errorf("x: %w", cdc.ErrSlotBusy), 4},
 		{fmt.Errorf("x: %w", cdc.ErrProduce), 1},

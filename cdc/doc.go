@@ -145,7 +145,9 @@
 // restart); refusals are logged at most once per 10 seconds with a count.
 //
 // A record Kafka refuses for good stops the publisher with an error (the slot
-// replays from the confirmed LSN on restart). Kafka unreachable: the producer
+// replays from the confirmed LSN on restart); a stub too large for its topic
+// is the exception: package publish records it to the oversized topic and
+// reports it delivered, so that it is confirmed past. Kafka unreachable: the producer
 // retries forever, nothing new is confirmed, readiness fails, the process
 // stays up; the number of unacknowledged stubs is bounded
 // (Config.MaxInFlight), so memory is too. PostgreSQL connection lost: the

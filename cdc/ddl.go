@@ -83,7 +83,7 @@ WHERE attrelid = $1 AND attnum > 0 AND attgenerated = '' ORDER BY attnum`, int64
 		}
 		mapped.Columns[i] = &cc
 	}
-	rel, err := newRelation(&mapped, s.p.cfg.Routing)
+	rel, err := newRelation(ctx, &mapped, s.p.cfg.Routing, s.cat)
 	if err != nil || len(renamed) == 0 {
 		return nil, remedy("")
 	}

@@ -75,13 +75,39 @@
 // names its topic, document type, id, domain and subtype columns, how a
 // deletion shows, or, for a child table, the column naming its parent
 // document. The publisher creates the publication with the routed tables
-// when it is missing, adds routed tables to an existing one, and never
-// removes tables. Rows of published tables that the routing does not name go
-// to the default topic (meta) with document_type = table name and the
-// replica identity key as document id ("/"-joined when composite).
-// changefeed's own schema is never published. A publication column list
-// that lacks a routed column is refused at start; one that carries them is
-// respected.
+// (publish_via_partition_root = true) when it is missing, adds routed tables
+// an existing one does not cover (membership read from pg_publication_rel
+// and pg_publication_namespace), and never removes tables. changefeed's own
+// schema is never published.
+//
+// Routing is resolved from every pgoutput Relation message, by the schema,
+// name and columns it carries, never from OIDs remembered at start: a table
+// renamed, swapped or recreated mid-stream is routed by what the server
+// describes at that point of the WAL (a table renamed into place must join
+// the publication in the same transaction; see the README). A relation the
+// routing does not name is looked up in the catalog: a partition published
+// under its own name (publish_via_partition_root = false) is routed by its
+// root. The replica identity is re-checked on every Relation message: a
+// DELETE that lacks the document (or parent) id or the document type column
+// returns ErrSchema naming the remedy, never a stub on the wrong topic. Via
+// the root, a DELETE carries its partition's replica identity: partitions
+// are checked at start, and a partition whose own Relation message lacks a
+// needed column makes a DELETE of the root without that value an error too.
+//
+// Rows of published tables that the routing does not name go to the default
+// topic (meta) with document_type = table (root) name and the primary key as
+// document id (under REPLICA IDENTITY FULL too; a table without a primary
+// key or replica identity key is skipped with a warning). A composite key's
+// parts are percent-encoded ('%' as %25, '/' as %2F) and joined with '/',
+// so distinct keys stay distinct documents. An UPDATE that changes a
+// document's id publishes a stub for the old id too (a deletion, or the old
+// parent's stub for a child row); unchanged TOASTed key values are taken
+// from the old key tuple. An id that is not valid UTF-8 would not survive
+// JSON: the row is refused (ERROR, changefeed_cdc_refused_rows_total) and
+// the stream goes on.
+//
+// A publication column list that lacks a routed column is refused at
+// start; one that carries them is respected.
 //
 // While streaming, a routed table that exists but is not in the publication
 // (created or recreated after it, e.g. by an online swap of renames) is
@@ -97,7 +123,13 @@
 //   - Exactly once: see duplicates above.
 //   - TRUNCATE is not expanded into per-row stubs: it publishes one
 //     table-level event on Config.ControlTopic, logs a warning and counts
-//     changefeed_cdc_truncates_total.
+//     changefeed_cdc_truncates_total. PostgreSQL decodes neither DETACH nor
+//     DROP of a partition, nor (via the root) a TRUNCATE of one partition:
+//     while streaming, the publisher compares the partitions of routed
+//     tables every Config.LagInterval and logs an ERROR and counts
+//     changefeed_cdc_partition_changes_total for each; what happens while it
+//     is stopped goes unseen.
+//   - DROP TABLE publishes no deletions.
 //   - A DELETE carries only the replica identity: columns outside it (domain,
 //     subtype) are empty in deletion stubs unless the table has REPLICA
 //     IDENTITY FULL. The document id (or the parent id of a child table) must
@@ -113,7 +145,9 @@
 // restart); refusals are logged at most once per 10 seconds with a count.
 //
 // A record Kafka refuses for good stops the publisher with an error (the slot
-// replays from the confirmed LSN on restart). Kafka unreachable: the producer
+// replays from the confirmed LSN on restart); a stub too large for its topic
+// is the exception: package publish records it to the oversized topic and
+// reports it delivered, so that it is confirmed past. Kafka unreachable: the producer
 // retries forever, nothing new is confirmed, readiness fails, the process
 // stays up; the number of unacknowledged stubs is bounded
 // (Config.MaxInFlight), so memory is too. PostgreSQL connection lost: the

@@ -898,7 +898,7 @@ CREATE TABLE gadgets (id text PRIMARY KEY);`)
 	for _, s := range meta {
 		got[s.DocumentType] = s.DocumentID
 	}
-	if got["widgets"] != "7/x/y" || got["gadgets"] != "g1" {
+	if got["widgets"] != "7/x%2Fy" || got["gadgets"] != "g1" {
 		t.Fatalf("meta stubs = %v", got)
 	}
 	if !strings.Contains(r.logs.String(), "not in the routing file") {

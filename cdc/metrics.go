@@ -12,6 +12,8 @@ type metrics struct {
 	lagSeconds       prometheus.Gauge
 	invalid          prometheus.Counter
 	truncates        *prometheus.CounterVec
+	refused          *prometheus.CounterVec
+	partitionChanges *prometheus.CounterVec
 	checkpointErrors prometheus.Counter
 	reconnects       prometheus.Counter
 	transactions     prometheus.Counter
@@ -44,6 +46,14 @@ func newMetrics(reg prometheus.Registerer, inFlight func() float64) (*metrics, e
 			Name: "changefeed_cdc_truncates_total",
 			Help: "TRUNCATEs of published tables (published as events on the control topic).",
 		}, []string{"table"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "changefeed_cdc_refused_rows_total",
+			Help: "Rows not published because their document id cannot be published unchanged (reason utf8: not valid UTF-8; key: a key part is null).",
+		}, []string{"table", "reason"}),
+		partitionChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "changefeed_cdc_partition_changes_total",
+			Help: "Partitions of routed tables seen detached or dropped, or truncated (or rewritten) without a decoded TRUNCATE, while streaming: consumers must resync the table.",
+		}, []string{"table", "change"}),
 		checkpointErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "changefeed_cdc_checkpoint_errors_total",
 			Help: "Failed writes of changefeed.cdc_checkpoint; nothing is confirmed while they fail.",
@@ -81,7 +91,7 @@ func newMetrics(reg prometheus.Registerer, inFlight func() float64) (*metrics, e
 		return m, nil
 	}
 	for _, c := range []prometheus.Collector{
-		m.confirmedLSN, m.lagBytes, m.lagSeconds, m.invalid, m.truncates, m.checkpointErrors,
+		m.confirmedLSN, m.lagBytes, m.lagSeconds, m.invalid, m.truncates, m.refused, m.partitionChanges, m.checkpointErrors,
 		m.reconnects, m.transactions, m.changes, m.streaming, m.pendingTx, m.slotWALStatus, m.slotSafeWALSize,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "changefeed_cdc_stubs_in_flight",

@@ -109,6 +109,11 @@ FROM pg_class c WHERE c.oid = to_regclass($1)`, quoted).Scan(&oid, &kind, &ident
 		return precondition("routing file %s: table %s: field document_type_column: column %q is not in the table's replica identity (%s), so a DELETE would not carry the document type and its stub would be misrouted; run ALTER TABLE %s REPLICA IDENTITY FULL",
 			file, t.QualifiedName(), tc, strings.Join(identity, ", "), quoted)
 	}
+	if kind == "p" {
+		if err := checkPartitionIdentities(ctx, db, file, t); err != nil {
+			return err
+		}
+	}
 	var missing []string
 	for _, fc := range t.columns() {
 		if !slices.Contains(identity, fc.column) && fc.field != "deletion.column" {
@@ -144,7 +149,8 @@ func (p *Publisher) ensurePublication(ctx context.Context, db *pgx.Conn) error {
 			return fmt.Errorf("create publication %s: %w (the role must own the tables, or create the publication beforehand)", p.cfg.Publication, err)
 		}
 		p.log.Info("publication created", "publication", p.cfg.Publication, "tables", len(tables))
-		return nil
+		// Go on with the checks below (a routed partition is refused).
+		ins, upd, del, trunc, all, err = true, true, true, true, false, nil
 	}
 	if err != nil {
 		return fmt.Errorf("read publication %s: %w", p.cfg.Publication, err)
@@ -156,20 +162,51 @@ func (p *Publisher) ensurePublication(ctx context.Context, db *pgx.Conn) error {
 	if !trunc {
 		p.log.Warn("publication does not publish TRUNCATE: a TRUNCATE of a published table will go unnoticed", "publication", p.cfg.Publication)
 	}
-	rows, err := db.Query(ctx, "SELECT schemaname::text, tablename::text, rowfilter IS NOT NULL FROM pg_publication_tables WHERE pubname = $1", p.cfg.Publication)
+	var viaRoot bool
+	if err := db.QueryRow(ctx, "SELECT pubviaroot FROM pg_publication WHERE pubname = $1", p.cfg.Publication).Scan(&viaRoot); err != nil {
+		return fmt.Errorf("read publication %s: %w", p.cfg.Publication, err)
+	}
+	// Membership is read from pg_publication_rel and pg_publication_namespace,
+	// not pg_publication_tables: with publish_via_partition_root = false that
+	// view lists a partitioned table's partitions instead of the table, and
+	// adding the table again would fail (42710) on every start.
+	rows, err := db.Query(ctx, `
+SELECT t.i::int, c.relkind::text, c.relispartition,
+       COALESCE((SELECT rn.nspname || '.' || rc.relname FROM pg_class rc JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+                 WHERE rc.oid = pg_partition_root(c.oid)), ''),
+       EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid)
+         OR EXISTS (SELECT 1 FROM pg_publication_namespace pn WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
+       EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid AND pr.prqual IS NOT NULL)
+FROM pg_publication p, unnest($2::text[]) WITH ORDINALITY AS t(name, i)
+JOIN pg_class c ON c.oid = to_regclass(t.name)
+WHERE p.pubname = $1`, p.cfg.Publication, tables)
 	if err != nil {
 		return fmt.Errorf("read publication %s tables: %w", p.cfg.Publication, err)
 	}
-	published := map[string]bool{}
+	covered := make([]bool, len(tables))
+	var partitioned []string
 	for rows.Next() {
-		var schema, name string
-		var filtered bool
-		if err := rows.Scan(&schema, &name, &filtered); err != nil {
+		var (
+			i                             int
+			kind, root                    string
+			isPartition, member, filtered bool
+		)
+		if err := rows.Scan(&i, &kind, &isPartition, &root, &member, &filtered); err != nil {
 			return fmt.Errorf("read publication %s tables: %w", p.cfg.Publication, err)
 		}
-		published[schema+"."+name] = true
-		if filtered && p.cfg.Routing.Table(schema, name) != nil {
-			return precondition("publication %s has a row filter on %s.%s: filtered rows would never be published; remove the WHERE clause", p.cfg.Publication, schema, name)
+		t := &p.cfg.Routing.Tables[i-1]
+		covered[i-1] = member || all
+		if filtered {
+			return precondition("publication %s has a row filter on %s: filtered rows would never be published; remove the WHERE clause", p.cfg.Publication, t.QualifiedName())
+		}
+		if isPartition && viaRoot {
+			// Its changes are published as changes of the root, which the
+			// routing would not recognise.
+			return precondition("routing file %s: table %s: field table: it is a partition of %s, and publication %s publishes partitions as their root (publish_via_partition_root = true); route %s instead",
+				p.cfg.Routing.File, t.QualifiedName(), root, p.cfg.Publication, root)
+		}
+		if kind == "p" {
+			partitioned = append(partitioned, t.QualifiedName())
 		}
 	}
 	if err := rows.Err(); err != nil {
@@ -181,23 +218,32 @@ func (p *Publisher) ensurePublication(ctx context.Context, db *pgx.Conn) error {
 		// but worth a dedicated publication.
 		p.log.Warn("publication is FOR ALL TABLES: changefeed's own checkpoint writes are decoded as well; prefer a publication of the routed tables (let the publisher create it)",
 			"publication", p.cfg.Publication)
-		return nil
 	}
 	var add []string
 	for i := range p.cfg.Routing.Tables {
-		t := &p.cfg.Routing.Tables[i]
-		if !published[t.QualifiedName()] {
+		if !covered[i] {
 			add = append(add, tables[i])
 		}
 	}
 	if len(add) > 0 {
 		if _, err := db.Exec(ctx, "ALTER PUBLICATION "+pub+" ADD TABLE "+strings.Join(add, ", ")); err != nil {
-			return fmt.Errorf("add tables to publication %s: %w", p.cfg.Publication, err)
+			if isTransient(err) {
+				return fmt.Errorf("add tables to publication %s: %w", p.cfg.Publication, err)
+			}
+			return precondition("publication %s does not publish the routed tables %s and adding them failed: %v; run ALTER PUBLICATION %s ADD TABLE %s as the tables' owner",
+				p.cfg.Publication, strings.Join(add, ", "), err, pub, strings.Join(add, ", "))
 		}
 		// PostgreSQL decodes a table's changes only from the moment it is in
 		// the publication: rows written before were never published.
 		p.log.Warn("tables added to publication: rows written to them before now were never published; backfill them unless the tables are new (a table recreated or swapped in while the publisher ran is one to backfill)",
 			"publication", p.cfg.Publication, "tables", add)
+	} else {
+		p.log.Info("existing publication covers the routed tables", "publication", p.cfg.Publication,
+			"publish_via_partition_root", viaRoot, "tables", len(p.cfg.Routing.Tables))
+	}
+	if !viaRoot && len(partitioned) > 0 {
+		p.log.Warn("publication publishes partitions under their own names (publish_via_partition_root = false): their changes are routed by their root table as the catalog names it when the partition is first seen; ALTER PUBLICATION … SET (publish_via_partition_root = true) routes them by the WAL's own catalog",
+			"publication", p.cfg.Publication, "tables", partitioned)
 	}
 	return nil
 }

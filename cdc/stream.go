@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
@@ -47,6 +48,17 @@ type stream struct {
 	conn *pgconn.PgConn
 	tr   *ack.Tracker[txPos]
 	rels map[uint32]*relation
+	// cat describes relations the routing does not name (nil: no catalog,
+	// as in decoding-only tests).
+	cat catalog
+	// parts reports partitions that left a routed table or were truncated
+	// without the stream saying so.
+	parts *partitionWatch
+	// lacking holds, per routed root table, its partitions whose replica
+	// identity lacks a column a DELETE needs (as their own Relation
+	// messages say): a DELETE published via the root carries the
+	// partition's old key, so the root's Relation message alone cannot tell.
+	lacking map[string]map[uint32]*relation
 
 	// Current transaction.
 	inTx    bool
@@ -86,6 +98,7 @@ type stream struct {
 
 	// Scratch reused for every change.
 	rows, old  rowVals
+	left       rowVals // the old document of a key-changing UPDATE
 	fields     stubFields
 	statusBuf  [39]byte
 	keyScratch []byte
@@ -95,10 +108,16 @@ type stream struct {
 }
 
 func newStream(p *Publisher, db *pgx.Conn, conn *pgconn.PgConn, start stub.LSN) *stream {
+	var cat catalog
+	if db != nil {
+		cat = pgCatalog{db}
+	}
 	return &stream{
-		p: p, db: db, conn: conn,
+		p: p, db: db, conn: conn, cat: cat,
 		tr:       &ack.Tracker[txPos]{},
 		rels:     map[uint32]*relation{},
+		parts:    newPartitionWatch(p.cfg.Routing, p.cfg.Publication),
+		lacking:  map[string]map[uint32]*relation{},
 		startPos: start,
 		lastSafe: -1,
 
@@ -275,21 +294,16 @@ func (s *stream) walMessage(m []byte) error {
 		if err := decodeLib('R', &rm, m[1:]); err != nil {
 			return fmt.Errorf("pgoutput relation: %w", err)
 		}
-		rel, err := newRelation(&rm, s.p.cfg.Routing)
+		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+		rel, err := newRelation(ctx, &rm, s.p.cfg.Routing, s.cat)
+		cancel()
 		if err != nil {
 			// DDL on a routed table (see ddl.go).
 			if rel, err = s.resolveSchemaChange(&rm, err); err != nil {
 				return err
 			}
 		}
-		switch {
-		case rel.noKey:
-			s.p.log.Warn("published table is not in the routing file and has no replica identity key: its changes are skipped",
-				"table", rel.qualified)
-		case rel.route == nil && !rel.skip:
-			s.p.log.Warn("published table is not in the routing file: its stubs go to the default topic with document_type = table name",
-				"table", rel.qualified, "topic", rel.topic)
-		}
+		s.logRelation(rel)
 		s.rels[rel.id] = rel
 	case 'T':
 		return s.truncate(m[1:])
@@ -358,27 +372,127 @@ func (s *stream) rowChange(m []byte) error {
 	}
 	switch kind {
 	case 'D':
+		if bad := s.unroutableDelete(rel); bad != nil {
+			return bad.errDeleteUnroutable(s.p.cfg.Routing.File, s.p.cfg.Slot, s.tx.finalLSN, s.tx.xid)
+		}
 		return s.rowStub(rel, &s.old, !rel.isChild())
 	case 'U':
 		if hasOld {
-			// Unchanged TOASTed values are only in the old tuple.
+			// Unchanged TOASTed values are only in the old tuple (PostgreSQL
+			// logs the old key whenever a key column is TOASTed).
 			for i := range s.rows.v {
 				if s.rows.v[i].kind == 'u' {
 					s.rows.v[i] = s.old.v[i]
+				}
+			}
+			for i := range s.rows.keys {
+				if s.rows.keys[i].kind == 'u' {
+					s.rows.keys[i] = s.old.keys[i]
 				}
 			}
 		}
 		if err := s.rowStub(rel, &s.rows, false); err != nil {
 			return err
 		}
-		// The key changed: the row left its old document (a child moved
-		// to another parent, or a document's id changed).
-		if hasOld && s.old.v[slotID].present() && rel.nkeys == 0 && !bytes.Equal(s.old.v[slotID].data, s.rows.v[slotID].data) {
-			return s.rowStub(rel, &s.old, !rel.isChild())
+		if hasOld && s.keyChanged(rel) {
+			// The key changed: the row left its old document (a child moved
+			// to another parent, or a document's id changed). The old key
+			// tuple carries only the replica identity: route the old
+			// document's stub with the new row's other values.
+			s.left = s.old
+			for i := range s.left.v {
+				if i != slotID && !s.left.v[i].present() {
+					s.left.v[i] = s.rows.v[i]
+				}
+			}
+			return s.rowStub(rel, &s.left, !rel.isChild())
 		}
 		return nil
 	default:
 		return s.rowStub(rel, &s.rows, false)
+	}
+}
+
+// keyChanged reports whether an UPDATE's old tuple names another document
+// than its new tuple.
+func (s *stream) keyChanged(rel *relation) bool {
+	if rel.nkeys > 0 {
+		for i := range s.old.keys {
+			o, n := s.old.keys[i], s.rows.keys[i]
+			if o.present() && (o.kind != n.kind || !bytes.Equal(o.data, n.data)) {
+				return true
+			}
+		}
+		return false
+	}
+	return s.old.v[slotID].present() && !bytes.Equal(s.old.v[slotID].data, s.rows.v[slotID].data)
+}
+
+// unroutableDelete returns the relation whose replica identity explains why
+// this DELETE's old tuple lacks a value its routing needs (nil if it has
+// them all): rel itself, or a partition of rel (a DELETE published via the
+// root carries the partition's old key). A value that is there was carried,
+// whatever the Relation messages say.
+func (s *stream) unroutableDelete(rel *relation) *relation {
+	if s.lacks(rel) {
+		return rel
+	}
+	for _, part := range s.lacking[rel.qualified] {
+		if s.lacks(part) {
+			return part
+		}
+	}
+	return nil
+}
+
+// lacks reports whether the old tuple misses a column that rel's replica
+// identity does not carry.
+func (s *stream) lacks(rel *relation) bool {
+	for _, fc := range rel.deleteMissing {
+		slot := slotID
+		if fc.field == "document_type_column" {
+			slot = slotType
+		}
+		if !s.old.v[slot].present() {
+			return true
+		}
+	}
+	return false
+}
+
+// logRelation says once per Relation message what will become of the
+// table's changes.
+func (s *stream) logRelation(rel *relation) {
+	log := s.p.log
+	switch {
+	case rel.noKey:
+		log.Warn("published table is not in the routing file and has neither a replica identity key nor a primary key: its changes are skipped",
+			"table", rel.qualified, "replica_identity", identityName(rel.identity))
+	case rel.route == nil && !rel.skip && rel.gone:
+		log.Warn("published relation is not in the routing file and no longer exists, so whether it was a partition of a routed table cannot be told: its changes (if any are published under its own name) go to the default topic",
+			"relation", rel.qualified, "topic", rel.topic)
+	case rel.route == nil && !rel.skip:
+		log.Warn("published table is not in the routing file: its stubs go to the default topic with document_type = table name",
+			"table", rel.root, "relation", rel.qualified, "topic", rel.topic)
+	case len(rel.deleteMissing) > 0:
+		var cols []string
+		for _, fc := range rel.deleteMissing {
+			cols = append(cols, fc.column)
+		}
+		log.Error("routed columns are not in the replica identity: a DELETE of this table will stop the publisher, and an UPDATE changing the document id cannot publish the old id's stub; run ALTER TABLE … REPLICA IDENTITY FULL",
+			"table", rel.qualified, "columns", cols, "replica_identity", identityName(rel.identity), "identity_columns", rel.identityCols)
+	}
+	if rel.route != nil && rel.root != rel.qualified {
+		log.Debug("partition routed by its root table", "partition", rel.qualified, "table", rel.root)
+		s.parts.saw(rel.id, rel.root, rel.qualified)
+		if s.lacking[rel.root] == nil {
+			s.lacking[rel.root] = map[uint32]*relation{}
+		}
+		if len(rel.deleteMissing) > 0 {
+			s.lacking[rel.root][rel.id] = rel
+		} else {
+			delete(s.lacking[rel.root], rel.id)
+		}
 	}
 }
 
@@ -391,28 +505,40 @@ func (s *stream) rowStub(rel *relation, row *rowVals, deleted bool) error {
 	f := &s.fields
 	*f = stubFields{}
 	if rel.nkeys > 0 {
-		s.keyScratch = s.keyScratch[:0]
-		for i, k := range row.keys {
-			if i > 0 {
-				s.keyScratch = append(s.keyScratch, '/')
+		for _, k := range row.keys {
+			if k.kind == 'u' {
+				return fmt.Errorf("pgoutput: %s at %s: a key column is an unchanged TOASTed value and the old key tuple is missing", rel.qualified, s.tx.finalLSN)
 			}
-			s.keyScratch = append(s.keyScratch, k.data...)
+		}
+		var err error
+		s.keyScratch, err = appendKeyID(s.keyScratch[:0], row.keys)
+		if err != nil {
+			s.refuse(rel, "key", err)
+			return nil
 		}
 		f.ID = s.keyScratch
 	} else {
-		if !row.v[slotID].present() || len(row.v[slotID].data) == 0 {
+		v := row.v[slotID]
+		if v.kind == 'u' {
+			return fmt.Errorf("pgoutput: %s at %s: the document id is an unchanged TOASTed value and the old key tuple is missing", rel.qualified, s.tx.finalLSN)
+		}
+		if !v.present() || len(v.data) == 0 {
 			p.m.invalid.Inc()
 			p.log.Warn("row without a document id skipped", "table", rel.qualified, "lsn", s.tx.finalLSN, "xid", s.tx.xid)
 			return nil
 		}
-		f.ID = row.v[slotID].data
+		f.ID = v.data
+	}
+	if err := checkID(f.ID); err != nil {
+		s.refuse(rel, "utf8", err)
+		return nil
 	}
 	f.DocType = rel.docType
 	if f.DocType == nil {
 		if v := row.v[slotType]; v.present() && len(v.data) > 0 {
 			f.DocType = v.data
 		} else {
-			f.DocType = []byte(rel.name)
+			f.DocType = rel.fallbackType
 		}
 	}
 	topic := rel.topic
@@ -436,6 +562,16 @@ func (s *stream) rowStub(rel *relation, row *rowVals, deleted bool) error {
 	f.Published, f.Original, f.PublishedText = s.now, s.now, s.nowText
 	f.LSN, f.Ordinal, f.XID, f.Commit, f.CommitText = s.tx.finalLSN, s.ordinal, s.tx.xid, s.tx.commit, s.commitText
 	return s.emit(topic, f.ID, f, nil)
+}
+
+// refuse drops a row whose document id cannot be published unchanged,
+// loudly: an ERROR line naming the table, transaction and reason, and
+// changefeed_cdc_refused_rows_total. The rest of the stream goes on.
+func (s *stream) refuse(rel *relation, reason string, err error) {
+	p := s.p
+	p.m.refused.WithLabelValues(rel.root, reason).Inc()
+	p.log.Error("row refused: its document id cannot be published unchanged; the document's consumers will not see this change",
+		"table", rel.qualified, "lsn", s.tx.finalLSN, "xid", s.tx.xid, "reason", reason, "err", err)
 }
 
 // setNow sets the publish time of the stubs that follow.
@@ -571,6 +707,11 @@ func (s *stream) message(m []byte) error {
 	if !lm.Transactional || !s.inTx {
 		return invalid("not transactional: use pg_logical_emit_message(true, 'changefeed', …)", nil)
 	}
+	if !utf8.Valid(lm.Content) {
+		// encoding/json would replace the invalid bytes with U+FFFD, so two
+		// ids could become one.
+		return invalid("not valid UTF-8", nil)
+	}
 	st, err := stub.Unmarshal(lm.Content)
 	if err != nil {
 		return invalid("not a valid stub", err)
@@ -603,8 +744,11 @@ func truncate(b []byte, n int) string {
 
 // truncateEvent is the control-topic record for a TRUNCATE.
 type truncateEvent struct {
-	Event           string    `json:"event"`
+	Event string `json:"event"`
+	// Table is the routed table: for a partition published under its own
+	// name, its root; Partition then names the partition truncated.
 	Table           string    `json:"table"`
+	Partition       string    `json:"partition,omitempty"`
 	LSN             stub.LSN  `json:"lsn"`
 	XID             uint32    `json:"xid"`
 	CommitTimestamp time.Time `json:"commit_timestamp"`
@@ -631,18 +775,22 @@ func (s *stream) truncate(m []byte) error {
 		}
 		s.ordinal++
 		ev := truncateEvent{
-			Event: "truncate", Table: rel.qualified, LSN: s.tx.finalLSN, XID: s.tx.xid, CommitTimestamp: s.tx.commit,
+			Event: "truncate", Table: rel.root, LSN: s.tx.finalLSN, XID: s.tx.xid, CommitTimestamp: s.tx.commit,
 			Cascade:         tm.Option&pglogrepl.TruncateOptionCascade != 0,
 			RestartIdentity: tm.Option&pglogrepl.TruncateOptionRestartIdentity != 0,
+		}
+		if rel.root != rel.qualified {
+			ev.Partition = rel.qualified
 		}
 		value, err := json.Marshal(ev)
 		if err != nil {
 			return err
 		}
-		p.m.truncates.WithLabelValues(rel.qualified).Inc()
+		p.m.truncates.WithLabelValues(rel.root).Inc()
+		s.parts.forget[rel.root] = true
 		p.log.Warn("TRUNCATE of a published table: no per-row stubs are published; a table-level event goes to the control topic, consumers must resync the table",
-			"table", rel.qualified, "lsn", s.tx.finalLSN, "xid", s.tx.xid, "control_topic", p.cfg.ControlTopic)
-		if err := s.emit(p.cfg.ControlTopic, []byte(rel.qualified), nil, value); err != nil {
+			"table", rel.root, "partition", ev.Partition, "lsn", s.tx.finalLSN, "xid", s.tx.xid, "control_topic", p.cfg.ControlTopic)
+		if err := s.emit(p.cfg.ControlTopic, []byte(rel.root), nil, value); err != nil {
 			return err
 		}
 	}
@@ -695,8 +843,32 @@ func (s *stream) tick() error {
 		if err != nil && s.ctx.Err() == nil {
 			return err
 		}
+		if err := s.checkPartitions(); err != nil {
+			return err
+		}
 	}
 	p.m.pendingTx.Set(float64(s.tr.Units()))
+	return nil
+}
+
+// checkPartitions reports, loudly, partitions of routed tables that were
+// detached, dropped or truncated without a decoded event.
+func (s *stream) checkPartitions() error {
+	p := s.p
+	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+	changes, err := s.parts.check(ctx, s.db)
+	cancel()
+	if err != nil {
+		if s.ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	for _, c := range changes {
+		p.m.partitionChanges.WithLabelValues(c.root, c.change).Inc()
+		p.log.Error("a partition of a routed table was detached, dropped or truncated: its rows left the table without per-row stubs (PostgreSQL does not decode this), so consumers still hold their documents; resync the table's documents in the consumers",
+			"table", c.root, "partition", c.partition, "change", c.change)
+	}
 	return nil
 }
 

@@ -168,10 +168,10 @@ tables:
 	if err != nil {
 		t.Fatal(err)
 	}
-	rel, err := newRelation(&pglogrepl.RelationMessage{
+	rel, err := newRelation(context.Background(), &pglogrepl.RelationMessage{
 		RelationID: 7, Namespace: "public", RelationName: "cases",
 		Columns: []*pglogrepl.RelationMessageColumn{{Name: "name"}, {Name: "case_id", Flags: 1}, {Name: "deleted"}, {Name: "domain"}},
-	}, routing)
+	}, routing, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,10 +193,10 @@ tables:
 		t.Fatal("truncated tuple accepted")
 	}
 
-	_, err = newRelation(&pglogrepl.RelationMessage{
+	_, err = newRelation(context.Background(), &pglogrepl.RelationMessage{
 		RelationID: 8, Namespace: "public", RelationName: "cases",
 		Columns: []*pglogrepl.RelationMessageColumn{{Name: "case_id"}, {Name: "deleted"}},
-	}, routing)
+	}, routing, nil)
 	if !errors.Is(err, ErrSchema) || !strings.Contains(err.Error(), "domain_column") {
 		t.Fatalf("missing column: %v", err)
 	}

@@ -6,8 +6,8 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -30,7 +30,7 @@ type health struct {
 	mu       sync.Mutex
 	problems map[string]*problem
 	logged   map[string]bool
-	watched  map[string]bool
+	watched  map[string][16]byte // topic → its ID when ensured
 
 	failOnce sync.Once
 	failed   chan struct{}
@@ -45,7 +45,7 @@ type problem struct {
 func (h *health) init() {
 	h.problems = map[string]*problem{}
 	h.logged = map[string]bool{}
-	h.watched = map[string]bool{}
+	h.watched = map[string][16]byte{}
 	h.failed = make(chan struct{})
 }
 
@@ -62,23 +62,18 @@ func (h *health) current() error {
 	return errors.Join(errs...)
 }
 
-func (h *health) watch(topics []string) {
+func (h *health) watch(topics map[string]topicInfo) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for _, t := range topics {
-		h.watched[t] = true
+	for t, info := range topics {
+		h.watched[t] = info.id
 	}
 }
 
-func (h *health) topics() []string {
+func (h *health) topics() map[string][16]byte {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	ts := make([]string, 0, len(h.watched))
-	for t := range h.watched {
-		ts = append(ts, t)
-	}
-	sort.Strings(ts)
-	return ts
+	return maps.Clone(h.watched)
 }
 
 // Err returns why the producer failed for good, nil while it has not.
@@ -151,7 +146,7 @@ func (p *Producer) check(ctx context.Context) {
 	topics := p.health.topics()
 	req := kmsg.NewPtrMetadataRequest()
 	req.Topics = []kmsg.MetadataRequestTopic{} // none rather than all when nothing is watched
-	for _, t := range topics {
+	for t := range topics {
 		rt := kmsg.NewMetadataRequestTopic()
 		rt.Topic = kmsg.StringPtr(t)
 		req.Topics = append(req.Topics, rt)
@@ -174,7 +169,14 @@ func (p *Producer) check(ctx context.Context) {
 	p.clear(problemAuth)
 	var missing []string
 	for _, t := range resp.Topics {
-		if t.ErrorCode == kerr.UnknownTopicOrPartition.Code && t.Topic != nil {
+		if t.Topic == nil {
+			continue
+		}
+		// A topic deleted and created again under the same name has a new
+		// ID; the client keeps producing to the old one and stalls, and
+		// the stubs in the old one are gone all the same.
+		id, zero := topics[*t.Topic], [16]byte{}
+		if t.ErrorCode == kerr.UnknownTopicOrPartition.Code || (t.ErrorCode == 0 && id != zero && t.TopicID != zero && t.TopicID != id) {
 			missing = append(missing, *t.Topic)
 		}
 	}
@@ -184,7 +186,7 @@ func (p *Producer) check(ctx context.Context) {
 	}
 	slices.Sort(missing)
 	cause := "topic deleted: " + strings.Join(missing, ",")
-	p.report(problemTopic, cause, fmt.Errorf("%w: %s no longer exist(s); stubs published to it and not yet consumed are gone. "+
+	p.report(problemTopic, cause, fmt.Errorf("%w: %s no longer exist(s) or was recreated; stubs published to it and not yet consumed are gone. "+
 		"The producer stops; at the next start it recreates the topic, and that topic's consumers must be resynced (backfill)",
 		ErrTopicDeleted, strings.Join(missing, ", ")))
 }

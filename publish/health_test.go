@@ -147,6 +147,29 @@ func TestDeletedTopicFailsReadinessThenProducer(t *testing.T) {
 	}
 }
 
+// TestRecreatedTopicFailsReadiness: a topic deleted and created again under
+// the same name (a new topic ID) is reported like a deleted one.
+func TestRecreatedTopicFailsReadiness(t *testing.T) {
+	k := testenv.Kafka(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p, _ := newProducer(t, kafkaconn.Config{Brokers: k.Brokers()}, fast(oneBroker))
+	if err := p.EnsureTopics(ctx, "reborn"); err != nil {
+		t.Fatal(err)
+	}
+	adm := kadm.NewClient(kgoClient(t, k.Brokers()))
+	if _, err := adm.DeleteTopic(ctx, "reborn"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := adm.CreateTopic(ctx, 1, 1, nil, "reborn"); err != nil {
+		t.Fatal(err)
+	}
+	err := waitFailed(t, p, 10*time.Second)
+	if !errors.Is(err, ErrTopicDeleted) || !strings.Contains(err.Error(), "reborn") {
+		t.Fatalf("Err = %v, want ErrTopicDeleted naming the recreated topic", err)
+	}
+}
+
 // TestDataLossIsFatal: a broker answering that it no longer knows records
 // it acknowledged (OUT_OF_ORDER_SEQUENCE_NUMBER at or before our last acked
 // offset) ends the producer with ErrDataLoss and counts it.

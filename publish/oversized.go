@@ -66,7 +66,6 @@ func recordBytes(r *kgo.Record) int {
 // so a failure to record it fails the stub like any other (nothing is
 // skipped silently).
 func (p *Producer) divert(ctx context.Context, r *kgo.Record, cause error, done func(error)) {
-	defer p.diverting.Done()
 	o := Oversized{
 		Topic:            r.Topic,
 		RecordBytes:      recordBytes(r),
@@ -88,6 +87,7 @@ func (p *Producer) divert(ctx context.Context, r *kgo.Record, cause error, done 
 	if err != nil {
 		p.metrics.errors.WithLabelValues(r.Topic).Inc()
 		done(fmt.Errorf("oversized stub on %s: encode its record: %w", r.Topic, err))
+		p.diverting.done()
 		return
 	}
 	topic := r.Topic
@@ -95,6 +95,7 @@ func (p *Producer) divert(ctx context.Context, r *kgo.Record, cause error, done 
 	dl := &kgo.Record{Topic: p.opts.OversizedTopic, Key: key, Value: value}
 	// r is the caller's until done: nothing below reads it.
 	p.cl.Produce(ctx, dl, func(_ *kgo.Record, err error) {
+		defer p.diverting.done() // after done: Flush returns once the source knows
 		if err != nil {
 			p.metrics.errors.WithLabelValues(topic).Inc()
 			done(fmt.Errorf("oversized stub on %s (%d bytes): recording it to %s failed: %w", topic, o.RecordBytes, p.opts.OversizedTopic, err))

@@ -6,8 +6,9 @@
 //     replica;
 //   - topics it creates get the configured replication factor and
 //     min.insync.replicas (default 3 and 2), and an existing topic whose
-//     min.insync.replicas is below the configured one is refused (acks=all
-//     on such a topic may acknowledge a record held by one broker only);
+//     min.insync.replicas is below the configured one, or that allows unclean
+//     leader election, is refused (acks=all on such a topic may acknowledge a
+//     record that a broker failure then loses);
 //   - key = document id, so one document's stubs stay in one partition in the
 //     order they were published;
 //   - unbounded retries: a broker outage stalls publishing (and so the
@@ -95,9 +96,10 @@ type Options struct {
 	// is then on at least two brokers. -1 sets and checks nothing.
 	MinInsyncReplicas int
 	// AllowUnsafeTopics turns the refusal of an existing topic whose
-	// min.insync.replicas is below MinInsyncReplicas (or whose settings
-	// cannot be read for lack of the DESCRIBE_CONFIGS ACL) into an
-	// error-level log line at every start. A topic whose replication
+	// min.insync.replicas is below MinInsyncReplicas, or that allows
+	// unclean leader election, or whose settings cannot be read for lack
+	// of the DESCRIBE_CONFIGS ACL, into an error-level log line at every
+	// start. A topic whose replication
 	// factor is below its own min.insync.replicas is always refused:
 	// every write to it would fail.
 	AllowUnsafeTopics bool
@@ -164,7 +166,7 @@ type Producer struct {
 
 	// diverting counts oversized records being recorded; Flush waits for
 	// them.
-	diverting sync.WaitGroup
+	diverting pending
 
 	stopCheck context.CancelFunc
 	checkDone chan struct{}
@@ -268,7 +270,7 @@ func (p *Producer) Publish(ctx context.Context, topic string, s *stub.Stub, done
 func (p *Producer) PublishRecord(ctx context.Context, r *kgo.Record, done func(error)) {
 	p.cl.Produce(ctx, r, func(r *kgo.Record, err error) {
 		if err != nil && p.oversized(r, err) {
-			p.diverting.Add(1)
+			p.diverting.add()
 			// Producing from inside a promise can block on a full
 			// buffer that only this goroutine would drain.
 			go p.divert(ctx, r, err, done)
@@ -288,10 +290,8 @@ func (p *Producer) Flush(ctx context.Context) error {
 	if err := p.cl.Flush(ctx); err != nil {
 		return fmt.Errorf("flush producer: %w", err)
 	}
-	waited := make(chan struct{})
-	go func() { p.diverting.Wait(); close(waited) }()
 	select {
-	case <-waited:
+	case <-p.diverting.idle():
 	case <-ctx.Done():
 		return fmt.Errorf("flush producer: %w", ctx.Err())
 	}
@@ -326,4 +326,42 @@ func (p *Producer) Close() {
 	p.stopCheck()
 	<-p.checkDone
 	p.cl.Close()
+}
+
+// pending counts work in progress and says when there is none. Unlike a
+// sync.WaitGroup, work may start while someone waits.
+type pending struct {
+	mu     sync.Mutex
+	n      int
+	isIdle chan struct{} // closed while n == 0
+}
+
+func (w *pending) add() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n == 0 {
+		w.isIdle = make(chan struct{})
+	}
+	w.n++
+}
+
+func (w *pending) done() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.n--
+	if w.n == 0 {
+		close(w.isIdle)
+	}
+}
+
+// idle returns a channel closed once no work is in progress.
+func (w *pending) idle() <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n == 0 {
+		c := make(chan struct{})
+		close(c)
+		return c
+	}
+	return w.isIdle
 }

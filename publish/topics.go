@@ -36,7 +36,7 @@ func (p *Producer) EnsureTopics(ctx context.Context, topics ...string) error {
 	slices.Sort(topics)
 	topics = slices.Compact(topics)
 
-	replicas, missing, err := p.describeTopics(ctx, topics)
+	found, missing, err := p.describeTopics(ctx, topics)
 	if err != nil {
 		return err
 	}
@@ -51,21 +51,27 @@ func (p *Producer) EnsureTopics(ctx context.Context, topics ...string) error {
 		if len(still) > 0 {
 			return fmt.Errorf("topics %v created but not yet visible in metadata", still)
 		}
-		for t, n := range created {
-			replicas[t] = n
+		for t, info := range created {
+			found[t] = info
 		}
 	}
-	if err := p.checkTopics(ctx, topics, replicas); err != nil {
+	if err := p.checkTopics(ctx, topics, found); err != nil {
 		return err
 	}
-	p.health.watch(topics)
+	p.health.watch(found)
 	return nil
 }
 
-// describeTopics returns the replication factor of each existing topic and
-// the names of the missing ones. It asks a broker directly (not the
+// topicInfo is what metadata says of an existing topic.
+type topicInfo struct {
+	replicas int      // the lowest replica count of its partitions
+	id       [16]byte // zero from brokers older than Kafka 2.8
+}
+
+// describeTopics returns what metadata says of each existing topic and the
+// names of the missing ones. It asks a broker directly (not the
 // client's metadata cache) and never lets the broker auto-create a topic.
-func (p *Producer) describeTopics(ctx context.Context, topics []string) (map[string]int, []string, error) {
+func (p *Producer) describeTopics(ctx context.Context, topics []string) (map[string]topicInfo, []string, error) {
 	req := kmsg.NewPtrMetadataRequest()
 	for _, t := range topics {
 		rt := kmsg.NewMetadataRequestTopic()
@@ -76,7 +82,7 @@ func (p *Producer) describeTopics(ctx context.Context, topics []string) (map[str
 	if err != nil {
 		return nil, nil, fmt.Errorf("describe topics: %w", err)
 	}
-	replicas := map[string]int{}
+	found := map[string]topicInfo{}
 	var missing []string
 	for _, t := range resp.Topics {
 		if t.Topic == nil {
@@ -91,7 +97,7 @@ func (p *Producer) describeTopics(ctx context.Context, topics []string) (map[str
 					rf = len(part.Replicas)
 				}
 			}
-			replicas[name] = rf
+			found[name] = topicInfo{replicas: rf, id: t.TopicID}
 		case errors.Is(err, kerr.UnknownTopicOrPartition):
 			missing = append(missing, name)
 		case errors.Is(err, kerr.TopicAuthorizationFailed):
@@ -100,7 +106,7 @@ func (p *Producer) describeTopics(ctx context.Context, topics []string) (map[str
 			return nil, nil, fmt.Errorf("describe topic %s: %w", name, err)
 		}
 	}
-	return replicas, missing, nil
+	return found, missing, nil
 }
 
 func (p *Producer) createTopics(ctx context.Context, topics []string) error {
@@ -136,7 +142,7 @@ func (p *Producer) createTopics(ctx context.Context, topics []string) error {
 // checkTopics reads each topic's min.insync.replicas and max.message.bytes,
 // refuses settings that cannot hold acks=all and remembers the message
 // limit for batching and for oversized stubs.
-func (p *Producer) checkTopics(ctx context.Context, topics []string, replicas map[string]int) error {
+func (p *Producer) checkTopics(ctx context.Context, topics []string, found map[string]topicInfo) error {
 	rcs, err := p.adm.DescribeTopicConfigs(ctx, topics...)
 	if err != nil {
 		var denied bool
@@ -154,7 +160,10 @@ func (p *Producer) checkTopics(ctx context.Context, topics []string, replicas ma
 		}
 		if err != nil || rerr != nil {
 			if errors.Is(rerr, kerr.TopicAuthorizationFailed) || errors.Is(err, kerr.TopicAuthorizationFailed) || errors.Is(err, kerr.ClusterAuthorizationFailed) {
-				if p.opts.AllowUnsafeTopics || p.opts.MinInsyncReplicas < 0 {
+				if p.opts.MinInsyncReplicas < 0 {
+					continue // nothing to verify
+				}
+				if p.opts.AllowUnsafeTopics {
 					p.log.Error("cannot read topic settings (DESCRIBE_CONFIGS denied): durability NOT verified, as allowed", "topic", t)
 					continue
 				}
@@ -169,11 +178,16 @@ func (p *Producer) checkTopics(ctx context.Context, topics []string, replicas ma
 		if n, err := strconv.Atoi(values["max.message.bytes"]); err == nil && n > 0 {
 			p.limits.Store(t, int32(min(n, 1<<30)))
 		}
-		minISR, err := strconv.Atoi(values["min.insync.replicas"])
-		if err != nil {
-			return fmt.Errorf("topic %s: min.insync.replicas %q: %w", t, values["min.insync.replicas"], err)
+		raw, reported := values["min.insync.replicas"]
+		if !reported {
+			p.log.Warn("the broker reports no min.insync.replicas for the topic: durability not verified", "topic", t)
+			continue
 		}
-		rf := replicas[t]
+		minISR, perr := strconv.Atoi(raw)
+		if perr != nil {
+			return fmt.Errorf("topic %s: min.insync.replicas %q: %w", t, raw, perr)
+		}
+		rf := found[t].replicas
 		if rf < minISR {
 			return fmt.Errorf("%w: topic %s has %d replica(s) but min.insync.replicas=%d: no acks=all write can succeed; lower min.insync.replicas or add replicas",
 				ErrTopicSettings, t, rf, minISR)
@@ -184,6 +198,13 @@ func (p *Producer) checkTopics(ctx context.Context, topics []string, replicas ma
 			if !p.opts.AllowUnsafeTopics {
 				return fmt.Errorf("%w: %s; raise it (kafka-configs --alter --add-config min.insync.replicas=%d), or lower the requirement for a smaller cluster, or accept it explicitly",
 					ErrTopicSettings, msg, p.opts.MinInsyncReplicas)
+			}
+			p.log.Error("UNSAFE TOPIC accepted as allowed: "+msg, "topic", t)
+		}
+		if p.opts.MinInsyncReplicas > 0 && values["unclean.leader.election.enable"] == "true" {
+			msg := fmt.Sprintf("topic %s has unclean.leader.election.enable=true: a replica that missed acknowledged records may become leader and drop them", t)
+			if !p.opts.AllowUnsafeTopics {
+				return fmt.Errorf("%w: %s; set it to false, or accept it explicitly", ErrTopicSettings, msg)
 			}
 			p.log.Error("UNSAFE TOPIC accepted as allowed: "+msg, "topic", t)
 		}

@@ -84,6 +84,13 @@ func TestExistingTopicMustHoldAcksAll(t *testing.T) {
 	if n := logs.count(`"level":"ERROR"`, "UNSAFE TOPIC", "weak"); n != 1 {
 		t.Fatalf("%d error lines about the unsafe topic, want 1:\n%s", n, logs)
 	}
+	if _, err := adm.CreateTopic(ctx, 1, 1, map[string]*string{"unclean.leader.election.enable": kadm.StringPtr("true")}, "unclean"); err != nil {
+		t.Fatal(err)
+	}
+	safe, _ := newProducer(t, conn, oneBroker)
+	if err := safe.EnsureTopics(ctx, "unclean"); !errors.Is(err, ErrTopicSettings) || !strings.Contains(err.Error(), "unclean.leader.election.enable=true") {
+		t.Fatalf("unclean leader election: err = %v, want ErrTopicSettings naming it", err)
+	}
 	err = lax.EnsureTopics(ctx, "impossible")
 	if !errors.Is(err, ErrTopicSettings) || !strings.Contains(err.Error(), "no acks=all write can succeed") {
 		t.Fatalf("topic with 1 replica and min.insync.replicas=2: err = %v", err)
@@ -108,9 +115,11 @@ func TestEnsureTopicsWithoutCreateACL(t *testing.T) {
 			allow(topic, "stubs", kmsg.ACLOperationWrite),
 			allow(topic, "stubs", kmsg.ACLOperationDescribeConfigs),
 			allow(topic, "other", kmsg.ACLOperationDescribe),
+			allow(topic, "noconfigs", kmsg.ACLOperationDescribe),
+			allow(topic, "noconfigs", kmsg.ACLOperationWrite),
 			allow(kmsg.ACLResourceTypeCluster, "kafka-cluster", kmsg.ACLOperationIdempotentWrite),
 		),
-		kfake.SeedTopics(1, "stubs"),
+		kfake.SeedTopics(1, "stubs", "noconfigs"),
 	)
 	if err != nil {
 		t.Fatal(err)
@@ -135,6 +144,10 @@ func TestEnsureTopicsWithoutCreateACL(t *testing.T) {
 	err = p.EnsureTopics(ctx, "secret")
 	if !errors.Is(err, ErrDenied) || !strings.Contains(err.Error(), "DESCRIBE on topic secret") {
 		t.Fatalf("topic without DESCRIBE: err = %v, want ErrDenied naming DESCRIBE", err)
+	}
+	err = p.EnsureTopics(ctx, "noconfigs")
+	if !errors.Is(err, ErrDenied) || !strings.Contains(err.Error(), "DESCRIBE_CONFIGS on topic noconfigs") {
+		t.Fatalf("topic without DESCRIBE_CONFIGS: err = %v, want ErrDenied naming DESCRIBE_CONFIGS", err)
 	}
 	if d := time.Since(start); d > 5*time.Second {
 		t.Fatalf("denials took %s: they must not be retried", d)

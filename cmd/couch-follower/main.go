@@ -137,9 +137,10 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 		}
 		defer srv.Close()
 	}
-	for {
+	for lastErr := ""; ; {
 		// Topics are created before the first stub; Kafka may still be
-		// starting, so retry until it answers or we are told to stop.
+		// starting, so retry until it answers, we are told to stop, or
+		// the producer gives up (--kafka-fail-after).
 		tctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := prod.EnsureTopics(tctx, routing.Topics()...)
 		cancel()
@@ -150,7 +151,10 @@ func serve(ctx context.Context, s settings, log *slog.Logger, stdout io.Writer) 
 			log.Error("kafka topics", "topics", routing.Topics(), "err", err)
 			return exitCode(err)
 		}
-		log.Warn("creating topics failed; retrying", "topics", routing.Topics(), "err", err)
+		if err.Error() != lastErr { // once per distinct cause, not every 2s
+			log.Warn("creating topics failed; retrying", "topics", routing.Topics(), "err", err)
+			lastErr = err.Error()
+		}
 		select {
 		case <-ctx.Done():
 			return 0

@@ -3,9 +3,11 @@ package cdc
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -67,4 +69,36 @@ func TestOversizedStubDoesNotBlockSlot(t *testing.T) {
 	if s := r.p.State(); s != StateStreaming {
 		t.Fatalf("publisher %s, want streaming", s)
 	}
+}
+
+// TestDeletedTopicFailsReadiness: a routed topic deleted under a streaming
+// publisher makes it not ready, naming the topic.
+func TestDeletedTopicFailsReadiness(t *testing.T) {
+	pg := testenv.Postgres(t)
+	db := newDB(t, pg, schema)
+	k := testenv.Kafka(t)
+	r := start(t, db, kafkaOf(k), Config{Routing: testRouting(t)})
+	r.waitStreaming(t)
+	ready := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return r.p.Ready(ctx)
+	}
+	eventually(t, "ready", ready)
+	cl, err := kgo.NewClient(kgo.SeedBrokers(k.Brokers()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	if _, err := kadm.NewClient(cl).DeleteTopic(ctx, "case-sql"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "not ready, naming the deleted topic", func() error {
+		if err := ready(); !errors.Is(err, publish.ErrTopicDeleted) || !strings.Contains(err.Error(), "case-sql") {
+			return fmt.Errorf("Ready = %v", err)
+		}
+		return nil
+	})
 }
